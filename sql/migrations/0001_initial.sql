@@ -92,10 +92,10 @@ CREATE TABLE pgidem.attempts (
     CONSTRAINT attempts_attempt_positive
         CHECK (attempt >= 1),
     CONSTRAINT attempts_finished_has_time
-        CHECK (status = 'running' OR finished_at IS NOT NULL),
-    CONSTRAINT attempts_task_attempt_unique
-        UNIQUE (task_id, attempt)
+        CHECK (status = 'running' OR finished_at IS NOT NULL)
 );
+-- `pgidem show`, the overview view and pruning go from a task to its attempts.
+CREATE INDEX attempts_task ON pgidem.attempts (task_id, fencing_token);
 
 -- The task's outcome, recorded once: the completion inserts it with ON CONFLICT DO NOTHING.
 CREATE TABLE pgidem.outcomes (
@@ -380,5 +380,134 @@ BEGIN
         PERFORM pg_notify('pgidem', enqueue_many.queue);
     END IF;
     RETURN QUERY SELECT g.i::bigint, ids[g.i] FROM generate_series(1, n) AS g(i);
+END
+$$;
+
+-- Cancel a task: a queued one never runs; a running one is marked cancelled at once, so its
+-- lease is not extended and its completion (fenced on state = 'running') is refused. Returns the
+-- state the task was in. Raises PI003 for an unknown id, PI004 for a finished task.
+CREATE FUNCTION pgidem.cancel(task_id bigint) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    prev text;
+BEGIN
+    SELECT t.state INTO prev FROM pgidem.tasks t WHERE t.id = cancel.task_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no task with id %', cancel.task_id USING ERRCODE = 'PI003';
+    END IF;
+    IF prev NOT IN ('queued', 'running') THEN
+        RAISE EXCEPTION 'task % is %, only a queued or running task can be cancelled',
+            cancel.task_id, prev USING ERRCODE = 'PI004';
+    END IF;
+    UPDATE pgidem.tasks t
+       SET state = 'cancelled', finished_at = now(), lease_owner = NULL,
+           lease_expires_at = NULL, last_error = 'cancelled'
+     WHERE t.id = cancel.task_id;
+    UPDATE pgidem.attempts a
+       SET status = 'cancelled', finished_at = now()
+     WHERE a.task_id = cancel.task_id AND a.status = 'running';
+    RETURN prev;
+END
+$$;
+
+-- Put a dead or cancelled task back in its queue with a fresh count of attempts. Its stored
+-- final error is removed (it is kept in last_error and on the attempts) so that the next run can
+-- record the outcome. Raises PI003 for an unknown id, PI004 for a task in another state.
+CREATE FUNCTION pgidem.retry(task_id bigint) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    prev text;
+BEGIN
+    SELECT t.state INTO prev FROM pgidem.tasks t WHERE t.id = retry.task_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no task with id %', retry.task_id USING ERRCODE = 'PI003';
+    END IF;
+    IF prev NOT IN ('dead', 'cancelled') THEN
+        RAISE EXCEPTION 'task % is %, only a dead or cancelled task can be retried',
+            retry.task_id, prev USING ERRCODE = 'PI004';
+    END IF;
+    DELETE FROM pgidem.outcomes o WHERE o.task_id = retry.task_id;
+    UPDATE pgidem.tasks t
+       SET state = 'queued', attempts = 0, run_at = now(), finished_at = NULL,
+           lease_owner = NULL, lease_expires_at = NULL
+     WHERE t.id = retry.task_id;
+    PERFORM pg_notify('pgidem', (SELECT t.queue FROM pgidem.tasks t WHERE t.id = retry.task_id));
+    RETURN prev;
+END
+$$;
+
+-- For people in psql: one row per task with its latest attempt and its outcome.
+CREATE VIEW pgidem.task_overview AS
+SELECT t.id, t.task_name, t.queue, t.state, t.priority, t.attempts, t.max_attempts,
+       t.idempotency_key, t.run_at, t.created_at, t.started_at, t.finished_at,
+       t.fencing_token, t.lease_owner, t.lease_expires_at,
+       la.status AS last_attempt_status, la.worker_id AS last_attempt_worker,
+       la.error_class AS last_error_class, la.error_message AS last_error_message,
+       o.state AS outcome_state, o.result, o.error AS outcome_error, t.args
+  FROM pgidem.tasks t
+  LEFT JOIN LATERAL (
+      SELECT a.status, a.worker_id, a.error_class, a.error_message
+        FROM pgidem.attempts a
+       WHERE a.task_id = t.id
+       ORDER BY a.fencing_token DESC
+       LIMIT 1
+  ) la ON true
+  LEFT JOIN pgidem.outcomes o ON o.task_id = t.id;
+
+-- For people in psql: per-queue counts by state and the age of the oldest runnable task.
+CREATE VIEW pgidem.queue_stats AS
+SELECT t.queue,
+       count(*) FILTER (WHERE t.state = 'queued' AND t.run_at <= now()) AS available,
+       count(*) FILTER (WHERE t.state = 'queued' AND t.run_at > now())  AS scheduled,
+       count(*) FILTER (WHERE t.state = 'running')                      AS running,
+       count(*) FILTER (WHERE t.state = 'succeeded')                    AS succeeded,
+       count(*) FILTER (WHERE t.state = 'dead')                         AS dead,
+       count(*) FILTER (WHERE t.state = 'cancelled')                    AS cancelled,
+       now() - min(t.run_at) FILTER (WHERE t.state = 'queued' AND t.run_at <= now())
+           AS oldest_available_age
+  FROM pgidem.tasks t
+ GROUP BY t.queue;
+
+-- How long finished tasks (and so their idempotency keys, outcomes, attempts and steps) are
+-- kept: the setting pgidem.key_retention (any interval), 7 days when unset. Set it per
+-- database with ALTER DATABASE ... SET pgidem.key_retention = '30 days'.
+CREATE FUNCTION pgidem.key_retention() RETURNS interval
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(nullif(current_setting('pgidem.key_retention', true), '')::interval,
+                    interval '7 days')
+$$;
+
+-- Delete one batch of finished tasks older than the retention (with their attempts, outcomes
+-- and steps, by cascade) and of once-keys older than it; returns how many tasks went. One
+-- short transaction per call, SKIP LOCKED, oldest first: call it in a loop until it returns 0.
+-- After this, a pruned task's idempotency key can be used again.
+CREATE FUNCTION pgidem.prune(older_than interval DEFAULT NULL, batch_size integer DEFAULT 1000)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    cutoff  timestamptz := now() - coalesce(prune.older_than, pgidem.key_retention());
+    deleted integer;
+BEGIN
+    IF prune.batch_size IS NULL OR prune.batch_size NOT BETWEEN 1 AND 100000 THEN
+        RAISE EXCEPTION 'invalid batch_size %: it must be between 1 and 100000', prune.batch_size
+            USING ERRCODE = 'PI002', COLUMN = 'batch_size';
+    END IF;
+    IF prune.older_than IS NOT NULL AND prune.older_than < interval '0' THEN
+        RAISE EXCEPTION 'invalid older_than %: it must not be negative', prune.older_than
+            USING ERRCODE = 'PI002', COLUMN = 'older_than';
+    END IF;
+    WITH victims AS (
+        SELECT t.id FROM pgidem.tasks t
+         WHERE t.state IN ('succeeded', 'dead', 'cancelled') AND t.finished_at < cutoff
+         ORDER BY t.finished_at
+         LIMIT prune.batch_size
+           FOR UPDATE SKIP LOCKED
+    )
+    DELETE FROM pgidem.tasks t USING victims v WHERE t.id = v.id;
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    DELETE FROM pgidem.once_keys k
+     WHERE k.key IN (SELECT k2.key FROM pgidem.once_keys k2 WHERE k2.created_at < cutoff
+                      LIMIT prune.batch_size FOR UPDATE SKIP LOCKED);
+    RETURN deleted;
 END
 $$;

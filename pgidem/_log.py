@@ -1,0 +1,43 @@
+"""structlog setup: one JSON object per line when stderr is not a terminal, pretty when it is."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+_configured = False
+
+
+def configure(level: str = "INFO", json: bool | None = None) -> None:
+    """Configure structlog for pgidem's commands (libraries embedding pgidem configure their own).
+
+    Args:
+        level: the lowest level to print.
+        json: force JSON (True) or console (False) output; None decides by whether stderr is a
+            terminal.
+    """
+    global _configured
+    if json is None:
+        json = not sys.stderr.isatty()
+    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level]),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    _configured = True
+
+
+def get(**bound: Any) -> Any:
+    """Return a pgidem logger with the given keys bound."""
+    return structlog.get_logger("pgidem").bind(**bound)

@@ -1,0 +1,280 @@
+"""The one module that talks to psycopg: named queries run on a given connection.
+
+Every function takes the connection to run on (the caller decides the transaction) and maps
+psycopg's errors to pgidem's. Row results come back as dicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from pgidem import _sql
+from pgidem.errors import mapped_errors
+
+Conn = psycopg.Connection[Any]
+
+
+def _one(conn: Conn, name: str, params: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    with mapped_errors(), conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(_sql.query(name), params)
+        return cur.fetchone()
+
+
+def _all(conn: Conn, name: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    with mapped_errors(), conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(_sql.query(name), params)
+        return cur.fetchall()
+
+
+def execute(conn: Conn, name: str, params: dict[str, Any] | None = None) -> int:
+    """Run a named statement; return its row count."""
+    with mapped_errors(), conn.cursor() as cur:
+        cur.execute(_sql.query(name), params)
+        return cur.rowcount
+
+
+def task_enqueue(
+    conn: Conn,
+    *,
+    task_name: str,
+    args_json: str,
+    queue: str,
+    idempotency_key: str | None,
+    run_at: datetime | None,
+    priority: int,
+    max_attempts: int | None,
+) -> int:
+    """Enqueue one task through ``pgidem.enqueue``; return its id."""
+    row = _one(
+        conn,
+        "task_enqueue",
+        {
+            "task_name": task_name,
+            "args": args_json,
+            "queue": queue,
+            "idempotency_key": idempotency_key,
+            "run_at": run_at,
+            "priority": priority,
+            "max_attempts": max_attempts,
+        },
+    )
+    assert row is not None
+    return int(row["id"])
+
+
+def task_enqueue_many(
+    conn: Conn,
+    *,
+    task_name: str,
+    args_json: Sequence[str],
+    queue: str,
+    idempotency_keys: Sequence[str | None] | None,
+    run_at: datetime | None,
+    priority: int,
+    max_attempts: int | None,
+) -> list[int]:
+    """Enqueue a batch through ``pgidem.enqueue_many`` in one round trip; return ids in order."""
+    rows = _all(
+        conn,
+        "task_enqueue_many",
+        {
+            "task_name": task_name,
+            "args": list(args_json),
+            "queue": queue,
+            "idempotency_keys": None if idempotency_keys is None else list(idempotency_keys),
+            "run_at": run_at,
+            "priority": priority,
+            "max_attempts": max_attempts,
+        },
+    )
+    return [int(r["id"]) for r in rows]
+
+
+def task_get(conn: Conn, task_id: int) -> dict[str, Any] | None:
+    """The task with its outcome, or None."""
+    return _one(conn, "task_get", {"task_id": task_id})
+
+
+def task_attempts(conn: Conn, task_id: int) -> list[dict[str, Any]]:
+    """Every attempt of a task, oldest first."""
+    return _all(conn, "task_attempts", {"task_id": task_id})
+
+
+def task_cancel(conn: Conn, task_id: int) -> str:
+    """Cancel a task; return the state it was in."""
+    row = _one(conn, "task_cancel", {"task_id": task_id})
+    assert row is not None
+    return str(row["previous"])
+
+
+def task_retry(conn: Conn, task_id: int) -> str:
+    """Put a dead or cancelled task back in its queue; return the state it was in."""
+    row = _one(conn, "task_retry", {"task_id": task_id})
+    assert row is not None
+    return str(row["previous"])
+
+
+def task_claim(
+    conn: Conn,
+    *,
+    worker_id: str,
+    queues: Sequence[str],
+    task_names: Sequence[str],
+    limit: int,
+    lease_s: float,
+) -> list[dict[str, Any]]:
+    """Claim up to ``limit`` tasks (see ``task_claim`` in queries.sql)."""
+    return _all(
+        conn,
+        "task_claim",
+        {
+            "worker_id": worker_id,
+            "queues": list(queues),
+            "task_names": list(task_names),
+            "limit": limit,
+            "lease_s": lease_s,
+        },
+    )
+
+
+def task_complete(conn: Conn, *, task_id: int, token: int, result_json: str) -> bool:
+    """The fenced completion; False when fenced (the caller must roll back)."""
+    row = _one(conn, "task_complete", {"task_id": task_id, "token": token, "result": result_json})
+    return row is not None
+
+
+def task_retry_later(
+    conn: Conn, *, task_id: int, token: int, delay_s: float, error: dict[str, Any]
+) -> bool:
+    """Requeue a failed attempt's task; False when the token is no longer current."""
+    row = _one(
+        conn,
+        "task_retry_later",
+        {"task_id": task_id, "token": token, "delay_s": delay_s, **_error_params(error)},
+    )
+    return row is not None
+
+
+def task_kill(
+    conn: Conn, *, task_id: int, token: int, error: dict[str, Any], error_json: str
+) -> bool:
+    """Move a failed attempt's task to dead with its final error; False when fenced."""
+    row = _one(
+        conn,
+        "task_kill",
+        {"task_id": task_id, "token": token, "error": error_json, **_error_params(error)},
+    )
+    return row is not None
+
+
+def _error_params(error: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "error_class": error.get("class"),
+        "error_message": error.get("message"),
+        "error_traceback": error.get("traceback"),
+        "last_error": f"{error.get('class')}: {error.get('message')}",
+        "attempt_status": error.get("attempt_status", "failed"),
+    }
+
+
+def attempt_finish_unfenced(
+    conn: Conn, *, tokens: Sequence[int], status: str, error: dict[str, Any] | None = None
+) -> int:
+    """Record how attempts whose token was no longer current ended (``fenced``...)."""
+    err = error or {}
+    return execute(
+        conn,
+        "attempt_finish_unfenced",
+        {
+            "tokens": list(tokens),
+            "status": status,
+            "error_class": err.get("class"),
+            "error_message": err.get("message"),
+            "error_traceback": err.get("traceback"),
+        },
+    )
+
+
+def lease_extend(
+    conn: Conn, *, task_ids: Sequence[int], tokens: Sequence[int], lease_s: float
+) -> dict[int, tuple[bool, bool]]:
+    """Extend leases; return token -> (still current, cancelled)."""
+    rows = _all(
+        conn,
+        "lease_extend",
+        {"task_ids": list(task_ids), "tokens": list(tokens), "lease_s": lease_s},
+    )
+    return {int(r["token"]): (bool(r["current"]), bool(r["cancelled"])) for r in rows}
+
+
+def lease_release(conn: Conn, *, task_ids: Sequence[int], tokens: Sequence[int]) -> int:
+    """Give back leases of claimed tasks that never started; return how many."""
+    row = _one(conn, "lease_release", {"task_ids": list(task_ids), "tokens": list(tokens)})
+    return int(row["released"]) if row else 0
+
+
+def worker_upsert(
+    conn: Conn,
+    *,
+    worker_id: str,
+    hostname: str,
+    pid: int,
+    queues: Sequence[str],
+    concurrency: int,
+) -> None:
+    """Register a worker, or record its heartbeat."""
+    execute(
+        conn,
+        "worker_heartbeat",
+        {
+            "worker_id": worker_id,
+            "hostname": hostname,
+            "pid": pid,
+            "queues": list(queues),
+            "concurrency": concurrency,
+        },
+    )
+
+
+def worker_deregister(conn: Conn, worker_id: str) -> None:
+    """Remove a worker's registry row (on a clean exit)."""
+    execute(conn, "worker_deregister", {"worker_id": worker_id})
+
+
+def worker_prune_stale(conn: Conn, age_s: float) -> int:
+    """Remove registry rows of workers silent for longer than ``age_s``."""
+    return execute(conn, "worker_prune_stale", {"age_s": age_s})
+
+
+def next_run_at(conn: Conn, queues: Sequence[str]) -> datetime | None:
+    """When the earliest scheduled task in these queues becomes runnable."""
+    row = _one(conn, "next_run_at", {"queues": list(queues)})
+    return None if row is None else row["run_at"]
+
+
+def queue_status(conn: Conn) -> list[dict[str, Any]]:
+    """Per-queue counts (the ``pgidem.queue_stats`` view)."""
+    return _all(conn, "queue_status")
+
+
+def workers_live(conn: Conn) -> list[dict[str, Any]]:
+    """Registered workers."""
+    return _all(conn, "workers_live")
+
+
+def task_prune(conn: Conn, *, older_than_s: float | None, batch_size: int) -> int:
+    """Delete one batch of finished tasks older than the retention; return how many."""
+    row = _one(
+        conn,
+        "task_prune",
+        {
+            "older_than": None if older_than_s is None else f"{older_than_s} seconds",
+            "batch_size": batch_size,
+        },
+    )
+    return int(row["deleted"]) if row else 0

@@ -1,0 +1,593 @@
+"""The application object: where the database is, which tasks exist, and how to enqueue them."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from pgidem import _dsn, _log, _migrate, _store
+from pgidem.errors import (
+    InvalidInput,
+    ResultTimeout,
+    TaskCancelled,
+    TaskFailed,
+    TaskNotFound,
+    mapped_errors,
+)
+
+if TYPE_CHECKING:
+    from pgidem.context import Context
+
+#: The longest delay (or the latest run_at from now) accepted at enqueue, in seconds.
+MAX_DELAY_S = 366 * 24 * 3600
+#: Rows per round trip in ``enqueue_many``.
+DEFAULT_BATCH_SIZE = 5000
+
+Handler = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long to wait before retrying a failed attempt: exponential backoff with jitter.
+
+    The n-th retry waits ``min(cap, base * 2 ** (n - 1))`` seconds, multiplied by a random
+    factor in [1 - jitter, 1] so that tasks failing together do not retry together.
+
+    Args:
+        base: the first delay, in seconds.
+        cap: the longest delay, in seconds.
+        jitter: the fraction of the delay that is random, 0 to 1.
+    """
+
+    base: float = 1.0
+    cap: float = 300.0
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.base <= MAX_DELAY_S and 0 <= self.cap <= MAX_DELAY_S):
+            raise InvalidInput(f"retry base and cap must be between 0 and {MAX_DELAY_S} seconds")
+        if not 0 <= self.jitter <= 1:
+            raise InvalidInput(f"retry jitter must be between 0 and 1, got {self.jitter}")
+
+    def delay(self, attempt: int) -> float:
+        """The delay before the attempt after ``attempt`` (1-based)."""
+        raw = min(self.cap, self.base * 2.0 ** min(attempt - 1, 62))
+        return raw * (1.0 - self.jitter * random.random())
+
+
+@dataclass(frozen=True)
+class Task:
+    """A registered task: a handler and its defaults. Calling it calls the handler."""
+
+    app: App
+    name: str
+    fn: Handler
+    queue: str = "default"
+    max_attempts: int = 5
+    priority: int = 0
+    retry: RetryPolicy = RetryPolicy()
+    timeout: float | None = None
+
+    def __call__(self, ctx: Context, **kwargs: Any) -> Any:
+        return self.fn(ctx, **kwargs)
+
+    def enqueue(self, args: Mapping[str, Any] | None = None, **options: Any) -> TaskHandle:
+        """Enqueue this task (see ``App.enqueue``)."""
+        return self.app.enqueue(self.name, args, **options)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A snapshot of a task row and its outcome."""
+
+    id: int
+    task_name: str
+    queue: str
+    state: str
+    args: dict[str, Any]
+    idempotency_key: str | None
+    attempts: int
+    max_attempts: int
+    fencing_token: int | None
+    outcome_state: str | None
+    result: Any
+    error: dict[str, Any] | None
+    last_error: str | None
+    raw: dict[str, Any]
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> TaskInfo:
+        return cls(
+            id=row["id"],
+            task_name=row["task_name"],
+            queue=row["queue"],
+            state=row["state"],
+            args=row["args"],
+            idempotency_key=row["idempotency_key"],
+            attempts=row["attempts"],
+            max_attempts=row["max_attempts"],
+            fencing_token=row["fencing_token"],
+            outcome_state=row["outcome_state"],
+            result=row["outcome_result"],
+            error=row["outcome_error"],
+            last_error=row["last_error"],
+            raw=row,
+        )
+
+
+class TaskHandle:
+    """A reference to an enqueued task: its id, its state, and its outcome once there is one."""
+
+    def __init__(self, app: App, task_id: int) -> None:
+        self.app = app
+        self.id = task_id
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle id={self.id}>"
+
+    def refresh(self) -> TaskInfo:
+        """Read the task and its outcome now.
+
+        Raises:
+            TaskNotFound: the task is gone (pruned).
+        """
+        return self.app.get_task(self.id)
+
+    @property
+    def state(self) -> str:
+        """The task's current state (one query)."""
+        return self.refresh().state
+
+    def result(self, timeout: float | None = None, poll_interval: float = 0.05) -> Any:
+        """Wait for the outcome and return the task's result.
+
+        Args:
+            timeout: seconds to wait; None waits for ever.
+            poll_interval: the first pause between reads (it grows to one second).
+
+        Returns:
+            The handler's return value as stored in ``pgidem.outcomes``.
+
+        Raises:
+            TaskFailed: the task ended dead; ``.error`` holds the final error.
+            TaskCancelled: the task was cancelled.
+            ResultTimeout: no outcome within ``timeout``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = poll_interval
+        while True:
+            info = self.refresh()
+            if info.outcome_state == "succeeded" and info.state == "succeeded":
+                return info.result
+            if info.state == "dead":
+                raise TaskFailed(info.id, info.error or {"message": info.last_error or ""})
+            if info.state == "cancelled":
+                raise TaskCancelled(f"task {info.id} was cancelled")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeout(
+                    f"task {info.id} had no outcome within {timeout} s (it is {info.state})"
+                )
+            wait = pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic()))
+            time.sleep(wait)
+            pause = min(1.0, pause * 1.5)
+
+
+def _check_nul(value: Any, where: str) -> None:
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidInput(f"invalid {where}: it contains a NUL byte", where.split(" ")[0])
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_nul(key, where)
+            _check_nul(item, where)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_nul(item, where)
+
+
+def dump_args(args: Mapping[str, Any] | None) -> str:
+    """Serialise task args to JSON text, rejecting what PostgreSQL's jsonb cannot hold.
+
+    Only what SQL cannot see is checked here (Python types, NaN, NUL bytes); every other rule is
+    checked once, by ``pgidem.enqueue`` in SQL.
+
+    Raises:
+        InvalidInput: args are not a mapping, not JSON-serialisable, hold NaN or infinity, or
+            hold a NUL byte.
+    """
+    if args is None:
+        return "{}"
+    if not isinstance(args, Mapping):
+        raise InvalidInput(
+            f"invalid args: they must be a JSON object (a dict), got {type(args).__name__}",
+            "args",
+        )
+    return dump_json(args, "args")
+
+
+def dump_json(value: Any, what: str) -> str:
+    """Serialise a value to strict JSON (no NaN, no infinity, no NUL bytes).
+
+    Raises:
+        InvalidInput: the value cannot be stored as jsonb.
+    """
+    try:
+        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except ValueError as exc:
+        raise InvalidInput(f"invalid {what}: {exc} (NaN and infinity are not JSON)", what) from exc
+    except TypeError as exc:
+        raise InvalidInput(f"invalid {what}: {exc}", what) from exc
+    _check_nul(value, what)
+    return text
+
+
+def _check_text(value: str | None, field: str) -> None:
+    if value is not None:
+        if not isinstance(value, str):
+            raise InvalidInput(f"invalid {field}: expected a string, got {type(value).__name__}")
+        if "\x00" in value:
+            raise InvalidInput(f"invalid {field}: it contains a NUL byte", field)
+
+
+def _check_int(value: Any, field: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise InvalidInput(f"invalid {field}: expected an integer, got {value!r}", field)
+
+
+def resolve_run_at(run_at: datetime | None, delay: float | timedelta | None) -> datetime | None:
+    """Turn ``run_at`` or ``delay`` into one aware datetime (or None for now).
+
+    Raises:
+        InvalidInput: both given, a naive datetime, or a delay out of range.
+    """
+    if run_at is not None and delay is not None:
+        raise InvalidInput("give run_at or delay, not both", "run_at")
+    if delay is not None:
+        seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            raise InvalidInput(f"invalid delay: expected seconds, got {delay!r}", "run_at")
+        if not math.isfinite(seconds) or not 0 <= seconds <= MAX_DELAY_S:
+            raise InvalidInput(
+                f"invalid delay {seconds!r}: it must be between 0 and {MAX_DELAY_S} seconds "
+                "(366 days)",
+                "run_at",
+            )
+        return datetime.now().astimezone() + timedelta(seconds=seconds)
+    if run_at is not None:
+        if not isinstance(run_at, datetime):
+            raise InvalidInput(f"invalid run_at: expected a datetime, got {run_at!r}", "run_at")
+        if run_at.tzinfo is None:
+            raise InvalidInput(
+                "invalid run_at: a naive datetime is ambiguous; give it a timezone", "run_at"
+            )
+    return run_at
+
+
+class App:
+    """Holds the DSN, a connection pool and the registered tasks.
+
+    Args:
+        dsn: where the database is; None follows the rules of ``pgidem._dsn`` (``PGIDEM_DSN``,
+            else the embedded server, else libpq's environment).
+        pool_size: the most connections the enqueue pool opens.
+        check_schema: refuse to run against a schema older or newer than the code.
+    """
+
+    def __init__(self, dsn: str | None = None, *, pool_size: int = 4, check_schema: bool = True):
+        self._dsn_arg = dsn
+        self._resolved: _dsn.Resolved | None = None
+        self.pool_size = pool_size
+        self.check_schema = check_schema
+        self.tasks: dict[str, Task] = {}
+        self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
+        self._lock = threading.Lock()
+        self._schema_checked = False
+
+    # -- configuration -------------------------------------------------------------------------
+
+    @property
+    def dsn(self) -> str:
+        """The resolved DSN (resolving it starts the embedded server if that is the choice)."""
+        return self.resolved.dsn
+
+    @property
+    def resolved(self) -> _dsn.Resolved:
+        """The DSN and where it came from."""
+        if self._resolved is None:
+            self._resolved = _dsn.resolve(self._dsn_arg)
+            _log.get().info("database_selected", database=self._resolved.describe())
+        return self._resolved
+
+    def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
+        """Open a new autocommit connection to the app's database (the caller closes it)."""
+        with mapped_errors():
+            return psycopg.connect(self.dsn, autocommit=True, **kwargs)
+
+    @property
+    def pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
+        """The app's connection pool (autocommit connections), opened on first use."""
+        with self._lock:
+            if self._pool is None:
+                pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+                    self.dsn,
+                    min_size=1,
+                    max_size=max(1, self.pool_size),
+                    kwargs={"autocommit": True},
+                    open=False,
+                    name="pgidem",
+                )
+                pool.open(wait=True, timeout=30)
+                self._pool = pool
+            pool = self._pool
+        if self.check_schema and not self._schema_checked:
+            with pool.connection() as conn:
+                _migrate.check(conn)
+            self._schema_checked = True
+        return pool
+
+    def close(self) -> None:
+        """Close the pool (an App can be used again afterwards; it reopens)."""
+        with self._lock:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
+
+    def __enter__(self) -> App:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def migrate(self) -> list[int]:
+        """Apply pending migrations (see ``pgidem migrate``); return the versions applied."""
+        with self.connect() as conn:
+            applied = _migrate.migrate(conn)
+        self._schema_checked = False
+        return applied
+
+    # -- tasks ---------------------------------------------------------------------------------
+
+    def task(
+        self,
+        name: str | None = None,
+        *,
+        queue: str = "default",
+        max_attempts: int = 5,
+        priority: int = 0,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+    ) -> Callable[[Handler], Task]:
+        """Register a handler as a task.
+
+        Args:
+            name: the task name stored in ``pgidem.tasks.task_name``; defaults to the function's
+                ``__name__``.
+            queue: the default queue.
+            max_attempts: attempts before the task goes to `dead` (1 to 1000).
+            priority: the default priority (higher runs first, -32768 to 32767).
+            retry: the backoff between attempts.
+            timeout: seconds after which a running handler is abandoned (None: no limit).
+
+        Raises:
+            InvalidInput: a bad default, or a name registered twice.
+        """
+        _check_int(max_attempts, "max_attempts")
+        _check_int(priority, "priority")
+        if not 1 <= max_attempts <= 1000:
+            raise InvalidInput(f"invalid max_attempts {max_attempts}: it must be 1 to 1000")
+        if timeout is not None and not (0 < timeout <= MAX_DELAY_S):
+            raise InvalidInput(f"invalid timeout {timeout!r}: it must be a positive number")
+
+        def register(fn: Handler) -> Task:
+            task_name = name or fn.__name__
+            _check_text(task_name, "task_name")
+            if task_name in self.tasks:
+                raise InvalidInput(f"task {task_name!r} is already registered", "task_name")
+            registered = Task(
+                app=self,
+                name=task_name,
+                fn=fn,
+                queue=queue,
+                max_attempts=max_attempts,
+                priority=priority,
+                retry=retry or RetryPolicy(),
+                timeout=timeout,
+            )
+            self.tasks[task_name] = registered
+            return registered
+
+        return register
+
+    def _defaults(self, task: str | Task) -> tuple[str, Task | None]:
+        if isinstance(task, Task):
+            return task.name, task
+        _check_text(task, "task_name")
+        return task, self.tasks.get(task)
+
+    # -- enqueue -------------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        task: str | Task,
+        args: Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        run_at: datetime | None = None,
+        delay: float | timedelta | None = None,
+        max_attempts: int | None = None,
+        conn: psycopg.Connection[Any] | None = None,
+    ) -> TaskHandle:
+        """Enqueue one task in one round trip, through the SQL function ``pgidem.enqueue``.
+
+        Args:
+            task: a task name (registered here or not) or a registered Task.
+            args: the handler's keyword arguments, a JSON object.
+            idempotency_key: dedupes the enqueue per task name: the same key with equal args
+                returns the same task; with different args raises IdempotencyKeyMismatch.
+            queue, priority, max_attempts: override the task's defaults.
+            run_at: when the task may start (an aware datetime); or ``delay`` in seconds.
+            conn: run in the caller's connection and transaction (it commits or rolls back
+                with the caller's work); without it, the app's pool in autocommit.
+
+        Returns:
+            A handle on the task (for a replayed key, the existing task).
+
+        Raises:
+            InvalidInput: bad args, names, key, priority or time; nothing is written.
+            IdempotencyKeyMismatch: the key was used before with different args.
+            SchemaOutdated: the database needs `pgidem migrate`.
+        """
+        name, registered = self._defaults(task)
+        args_json = dump_args(args)
+        _check_text(idempotency_key, "idempotency_key")
+        _check_text(queue, "queue")
+        _check_int(priority, "priority")
+        _check_int(max_attempts, "max_attempts")
+        when = resolve_run_at(run_at, delay)
+        params: dict[str, Any] = {
+            "task_name": name,
+            "args_json": args_json,
+            "queue": queue or (registered.queue if registered else "default"),
+            "idempotency_key": idempotency_key,
+            "run_at": when,
+            "priority": priority
+            if priority is not None
+            else (registered.priority if registered else 0),
+            "max_attempts": max_attempts
+            if max_attempts is not None
+            else (registered.max_attempts if registered else None),
+        }
+        if conn is not None:
+            return TaskHandle(self, _store.task_enqueue(conn, **params))
+        with self.pool.connection() as pooled:
+            return TaskHandle(self, _store.task_enqueue(pooled, **params))
+
+    def enqueue_many(
+        self,
+        task: str | Task,
+        args: Iterable[Mapping[str, Any] | None],
+        *,
+        idempotency_keys: Sequence[str | None] | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        run_at: datetime | None = None,
+        delay: float | timedelta | None = None,
+        max_attempts: int | None = None,
+        conn: psycopg.Connection[Any] | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> list[int]:
+        """Enqueue many tasks of one name: one round trip per ``batch_size`` tasks.
+
+        The rules of ``enqueue`` hold per row. Without ``conn``, all batches run in one
+        transaction on a pooled connection, so a bad row enqueues nothing; with ``conn``, in the
+        caller's transaction.
+
+        Returns:
+            The task ids, in the order of ``args``.
+
+        Raises:
+            InvalidInput: a bad row (the message says which); nothing is written.
+            IdempotencyKeyMismatch: a key was used before with different args.
+        """
+        name, registered = self._defaults(task)
+        payloads = [dump_args(a) for a in args]
+        if idempotency_keys is not None:
+            idempotency_keys = list(idempotency_keys)
+            if len(idempotency_keys) != len(payloads):
+                raise InvalidInput(
+                    f"invalid idempotency_keys: {len(idempotency_keys)} keys for "
+                    f"{len(payloads)} args; pass one key (or None) per task",
+                    "idempotency_key",
+                )
+            for key in idempotency_keys:
+                _check_text(key, "idempotency_key")
+        _check_text(queue, "queue")
+        _check_int(priority, "priority")
+        _check_int(max_attempts, "max_attempts")
+        if batch_size < 1:
+            raise InvalidInput(f"invalid batch_size {batch_size}: it must be at least 1")
+        when = resolve_run_at(run_at, delay)
+        common: dict[str, Any] = {
+            "task_name": name,
+            "queue": queue or (registered.queue if registered else "default"),
+            "run_at": when,
+            "priority": priority
+            if priority is not None
+            else (registered.priority if registered else 0),
+            "max_attempts": max_attempts
+            if max_attempts is not None
+            else (registered.max_attempts if registered else None),
+        }
+
+        def run(c: psycopg.Connection[Any]) -> list[int]:
+            ids: list[int] = []
+            for start in range(0, len(payloads), batch_size):
+                keys = (
+                    None
+                    if idempotency_keys is None
+                    else idempotency_keys[start : start + batch_size]
+                )
+                ids += _store.task_enqueue_many(
+                    c,
+                    args_json=payloads[start : start + batch_size],
+                    idempotency_keys=keys,
+                    **common,
+                )
+            return ids
+
+        if not payloads:
+            return []
+        if conn is not None:
+            return run(conn)
+        with self.pool.connection() as pooled, mapped_errors(), pooled.transaction():
+            return run(pooled)
+
+    # -- reading and control -------------------------------------------------------------------
+
+    def handle(self, task_id: int) -> TaskHandle:
+        """A handle on an existing task by id."""
+        return TaskHandle(self, task_id)
+
+    def get_task(self, task_id: int) -> TaskInfo:
+        """Read a task and its outcome.
+
+        Raises:
+            TaskNotFound: no task with that id.
+        """
+        with self.pool.connection() as conn:
+            row = _store.task_get(conn, task_id)
+        if row is None:
+            raise TaskNotFound(f"no task with id {task_id}")
+        return TaskInfo.from_row(row)
+
+    def cancel(self, task_id: int) -> str:
+        """Cancel a queued or running task (see ``pgidem.cancel``); return its previous state.
+
+        Raises:
+            TaskNotFound: no task with that id.
+            InvalidState: the task already finished.
+        """
+        with self.pool.connection() as conn:
+            return _store.task_cancel(conn, task_id)
+
+    def retry(self, task_id: int) -> str:
+        """Put a dead or cancelled task back in its queue; return its previous state.
+
+        Raises:
+            TaskNotFound: no task with that id.
+            InvalidState: the task is not dead or cancelled.
+        """
+        with self.pool.connection() as conn:
+            return _store.task_retry(conn, task_id)

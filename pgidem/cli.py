@@ -1,0 +1,376 @@
+"""The ``pgidem`` command line: migrate, run workers, enqueue, and look at and steer tasks."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, TypeVar
+
+import click
+
+from pgidem import _dsn, _log, _migrate, _store
+from pgidem.app import App
+from pgidem.errors import ConfigurationError, PgidemError, mapped_errors
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def dsn_option(fn: F) -> F:
+    return click.option(
+        "--dsn",
+        envvar="PGIDEM_DSN",
+        default=None,
+        help="PostgreSQL connection string (default: $PGIDEM_DSN, else the embedded server, "
+        "else libpq's environment).",
+    )(fn)
+
+
+@contextmanager
+def failures() -> Iterator[None]:
+    """Turn pgidem's errors into a one-line message and exit status 1."""
+    try:
+        yield
+    except PgidemError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def load_app(path: str) -> App:
+    """Import ``MODULE:ATTR`` and return the App it names.
+
+    Raises:
+        ConfigurationError: the module or attribute is missing or not an App.
+    """
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ConfigurationError(f"--app must look like MODULE:ATTR, got {path!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"cannot import {module_name!r} (from --app {path}): {exc}"
+        ) from exc
+    app = getattr(module, attr, None)
+    if not isinstance(app, App):
+        raise ConfigurationError(f"{path} is not a pgidem.App (got {type(app).__name__})")
+    return app
+
+
+def _app(dsn: str | None) -> App:
+    return App(dsn)
+
+
+@click.group()
+@click.option("--log-level", default="INFO", show_default=True, help="Lowest log level shown.")
+@click.option("--log-json/--log-pretty", default=None, help="Log format (default: by terminal).")
+def main(log_level: str, log_json: bool | None) -> None:
+    """pgidem: a PostgreSQL task queue whose retries are safe."""
+    _log.configure(level=log_level.upper(), json=log_json)
+
+
+@main.command()
+@dsn_option
+def migrate(dsn: str | None) -> None:
+    """Create or upgrade the pgidem schema (safe to run from several processes at once)."""
+    with failures():
+        app = _app(dsn)
+        applied = app.migrate()
+        if applied:
+            click.echo(f"applied migrations {', '.join(f'{v:04d}' for v in applied)}")
+        else:
+            click.echo(f"the schema is up to date (version {_migrate.code_version()})")
+
+
+@main.command()
+@click.option("--app", "app_path", required=True, help="The App to run, as MODULE:ATTR.")
+@click.option(
+    "--queue",
+    "queues",
+    multiple=True,
+    help="A queue to serve (repeat; default all queues of the app's tasks).",
+)
+@click.option(
+    "--concurrency", default=4, show_default=True, type=int, help="Handlers run at once (threads)."
+)
+@click.option(
+    "--lease",
+    default=30.0,
+    show_default=True,
+    type=float,
+    help="Seconds a claim holds a task without a heartbeat.",
+)
+@click.option(
+    "--poll-interval",
+    default=1.0,
+    show_default=True,
+    type=float,
+    help="Seconds between polls when no NOTIFY arrives.",
+)
+@click.option(
+    "--batch-size",
+    default=16,
+    show_default=True,
+    type=int,
+    help="Most tasks claimed (and completed in one transaction) at once.",
+)
+@click.option(
+    "--grace-period",
+    default=30.0,
+    show_default=True,
+    type=float,
+    help="Seconds to let running handlers finish on SIGTERM.",
+)
+@dsn_option
+def worker(
+    app_path: str,
+    queues: tuple[str, ...],
+    concurrency: int,
+    lease: float,
+    poll_interval: float,
+    batch_size: int,
+    grace_period: float,
+    dsn: str | None,
+) -> None:
+    """Run a worker for the tasks registered on an App."""
+    from pgidem.worker import Worker, WorkerConfig
+
+    with failures():
+        app = load_app(app_path)
+        if dsn:
+            app._dsn_arg = dsn
+            app._resolved = None
+        serve = list(queues) or sorted({t.queue for t in app.tasks.values()})
+        config = WorkerConfig(
+            queues=serve,
+            concurrency=concurrency,
+            lease=lease,
+            poll_interval=poll_interval,
+            batch_size=batch_size,
+            grace_period=grace_period,
+        )
+        code = Worker(app, config).run()
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("task_name")
+@click.option("--args", "args_json", default="{}", help="The task's args, a JSON object.")
+@click.option("--key", default=None, help="Idempotency key.")
+@click.option("--queue", default="default", show_default=True)
+@click.option("--priority", default=0, type=int, show_default=True, help="Higher runs first.")
+@click.option("--max-attempts", default=None, type=int)
+@click.option("--delay", default=None, type=float, help="Seconds from now before it may run.")
+@click.option("--run-at", default=None, help="When it may run, ISO 8601 with a timezone.")
+@dsn_option
+def enqueue(
+    task_name: str,
+    args_json: str,
+    key: str | None,
+    queue: str,
+    priority: int,
+    max_attempts: int | None,
+    delay: float | None,
+    run_at: str | None,
+    dsn: str | None,
+) -> None:
+    """Enqueue a task; print its id."""
+    try:
+        args = json.loads(args_json)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--args") from exc
+    when = None
+    if run_at is not None:
+        try:
+            when = datetime.fromisoformat(run_at)
+        except ValueError as exc:
+            raise click.BadParameter(
+                f"not an ISO 8601 time: {run_at!r}", param_hint="--run-at"
+            ) from exc
+    with failures():
+        handle = _app(dsn).enqueue(
+            task_name,
+            args,
+            idempotency_key=key,
+            queue=queue,
+            priority=priority,
+            max_attempts=max_attempts,
+            delay=delay,
+            run_at=when,
+        )
+        click.echo(handle.id)
+
+
+@main.command()
+@dsn_option
+def status(dsn: str | None) -> None:
+    """Counts per queue and state, the oldest waiting task, and live workers."""
+    with failures():
+        app = _app(dsn)
+        with app.pool.connection() as conn:
+            queues = _store.queue_status(conn)
+            workers = _store.workers_live(conn)
+        click.echo(f"database: {app.resolved.describe()}")
+        header = (
+            "queue",
+            "available",
+            "scheduled",
+            "running",
+            "succeeded",
+            "dead",
+            "cancelled",
+            "oldest_wait_s",
+        )
+        rows = [
+            (
+                q["queue"],
+                q["available"],
+                q["scheduled"],
+                q["running"],
+                q["succeeded"],
+                q["dead"],
+                q["cancelled"],
+                "-" if q["oldest_available_s"] is None else f"{q['oldest_available_s']:.1f}",
+            )
+            for q in queues
+        ]
+        _table(header, rows)
+        click.echo("")
+        click.echo(f"workers: {len(workers)}")
+        _table(
+            ("id", "queues", "concurrency", "heartbeat_age_s"),
+            [
+                (w["id"], ",".join(w["queues"]), w["concurrency"], f"{w['heartbeat_age_s']:.1f}")
+                for w in workers
+            ],
+        )
+
+
+@main.command()
+@click.argument("task_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@dsn_option
+def show(task_id: int, as_json: bool, dsn: str | None) -> None:
+    """A task, every attempt with its token, worker, times and end, and the outcome."""
+    with failures():
+        app = _app(dsn)
+        with app.pool.connection() as conn:
+            row = _store.task_get(conn, task_id)
+            if row is None:
+                raise click.ClickException(f"no task with id {task_id}")
+            attempts = _store.task_attempts(conn, task_id)
+        if as_json:
+            click.echo(json.dumps({"task": row, "attempts": attempts}, default=str, indent=2))
+            return
+        for name in (
+            "id",
+            "task_name",
+            "queue",
+            "state",
+            "priority",
+            "attempts",
+            "max_attempts",
+            "idempotency_key",
+            "fencing_token",
+            "lease_owner",
+            "lease_expires_at",
+            "run_at",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "last_error",
+        ):
+            click.echo(f"{name:>16}: {row[name]}")
+        click.echo(f"{'args':>16}: {json.dumps(row['args'])}")
+        stored = (
+            row["outcome_result"] if row["outcome_state"] == "succeeded" else row["outcome_error"]
+        )
+        outcome = (
+            "-"
+            if row["outcome_state"] is None
+            else f"{row['outcome_state']} (token {row['outcome_token']}) {json.dumps(stored)}"
+        )
+        click.echo(f"{'outcome':>16}: {outcome}")
+        click.echo("")
+        _table(
+            ("token", "attempt", "status", "worker", "claimed_at", "finished_at", "error"),
+            [
+                (
+                    a["fencing_token"],
+                    a["attempt"],
+                    a["status"],
+                    a["worker_id"],
+                    a["claimed_at"],
+                    a["finished_at"] or "-",
+                    ""
+                    if a["error_class"] is None
+                    else f"{a['error_class']}: {a['error_message']}"[:80],
+                )
+                for a in attempts
+            ],
+        )
+
+
+@main.command()
+@click.argument("task_id", type=int)
+@dsn_option
+def retry(task_id: int, dsn: str | None) -> None:
+    """Put a dead or cancelled task back in its queue."""
+    with failures():
+        previous = _app(dsn).retry(task_id)
+        click.echo(f"task {task_id}: {previous} -> queued")
+
+
+@main.command()
+@click.argument("task_id", type=int)
+@dsn_option
+def cancel(task_id: int, dsn: str | None) -> None:
+    """Cancel a queued task, or flag a running one (its completion will be refused)."""
+    with failures():
+        previous = _app(dsn).cancel(task_id)
+        click.echo(f"task {task_id}: {previous} -> cancelled")
+
+
+@main.command()
+@click.option(
+    "--older-than",
+    type=float,
+    default=None,
+    help="Seconds; default the setting pgidem.key_retention (7 days).",
+)
+@click.option("--batch-size", type=int, default=1000, show_default=True)
+@dsn_option
+def prune(older_than: float | None, batch_size: int, dsn: str | None) -> None:
+    """Delete finished tasks older than the retention, in batches (short transactions)."""
+    with failures():
+        app = _app(dsn)
+        total = 0
+        with app.pool.connection() as conn:
+            while True:
+                deleted = _store.task_prune(conn, older_than_s=older_than, batch_size=batch_size)
+                total += deleted
+                if deleted < batch_size:
+                    break
+        click.echo(f"pruned {total} finished tasks")
+
+
+@main.command("where")
+@dsn_option
+def where(dsn: str | None) -> None:
+    """Say which database pgidem commands would use, and why."""
+    with failures(), mapped_errors():
+        click.echo(_dsn.resolve(dsn).describe())
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+    cells = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for n, row in enumerate(cells):
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if n == 0:
+            click.echo("  ".join("-" * w for w in widths))

@@ -1,0 +1,775 @@
+"""The worker: claims tasks, runs handlers, completes them fenced and in one transaction.
+
+Threads, and what each one does:
+
+* N **slots**: each claims a batch of tasks (one short transaction), then runs them one after
+  another in a *completion transaction*: per task ``SAVEPOINT``, the handler (its writes go
+  through ``ctx.conn``), the fenced completion, ``RELEASE``; a failing or fenced task rolls back
+  to its savepoint and the others commit together. The transaction commits at the end of the
+  batch, or earlier once it has been open ``commit_interval`` seconds, so a batch costs one
+  commit however many tasks it holds. Each slot has its own pooled connection.
+* one **heartbeat**: extends every lease this worker holds in one statement, marks lost leases
+  (and cancelled tasks) for their handlers, abandons handlers past their timeout, and keeps the
+  worker's row in ``pgidem.workers`` fresh.
+* one **listener**: LISTEN on a dedicated connection; a NOTIFY from ``pgidem.enqueue`` wakes the
+  idle slots. Slots also poll every ``poll_interval`` seconds, and sleep until the next scheduled
+  task when that is sooner.
+
+Crash safety needs nothing from this module: a dead worker's leases expire and the claim path of
+any other worker rescues its tasks with new tokens, which the dead worker's completion can never
+match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from pgidem import _log, _migrate, _store
+from pgidem.app import App, Task, dump_json
+from pgidem.context import Context, LeaseState
+from pgidem.errors import (
+    InvalidInput,
+    LeaseLost,
+    NonRetryable,
+    PgidemError,
+    Retry,
+)
+
+#: The longest error message kept on an attempt row, in characters.
+MAX_ERROR_MESSAGE = 2000
+#: The longest traceback kept on an attempt row, in characters.
+MAX_TRACEBACK = 16000
+
+_SAVEPOINT = "pgidem_task"
+
+
+@dataclass
+class Claimed:
+    """A task this worker holds a lease on."""
+
+    task_id: int
+    task_name: str
+    queue: str
+    args: dict[str, Any]
+    idempotency_key: str | None
+    attempt: int
+    max_attempts: int
+    token: int
+    lease: LeaseState = field(default_factory=LeaseState)
+    started_at: float | None = None
+    timeout: float | None = None
+    thread: threading.Thread | None = None
+
+
+@dataclass
+class WorkerConfig:
+    """How a worker runs. Every field has a default; see ``pgidem worker --help``."""
+
+    queues: Sequence[str] = ("default",)
+    concurrency: int = 4
+    lease: float = 30.0
+    poll_interval: float = 1.0
+    batch_size: int = 16
+    commit_interval: float = 0.05
+    grace_period: float = 30.0
+    reconnect_max: float = 5.0
+    worker_id: str | None = None
+
+    def validate(self) -> None:
+        """Raise InvalidInput on a setting out of range."""
+        if not self.queues:
+            raise InvalidInput("a worker needs at least one queue")
+        checks = [
+            (self.concurrency >= 1, f"concurrency must be at least 1, got {self.concurrency}"),
+            (1.0 <= self.lease <= 86400, f"lease must be 1 to 86400 seconds, got {self.lease}"),
+            (0.01 <= self.poll_interval <= 3600, "poll_interval must be 0.01 to 3600 seconds"),
+            (1 <= self.batch_size <= 1000, "batch_size must be 1 to 1000"),
+            (0 <= self.commit_interval <= 60, "commit_interval must be 0 to 60 seconds"),
+            (self.grace_period >= 0, "grace_period must not be negative"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidInput(f"invalid worker setting: {message}")
+
+
+def error_record(exc: BaseException, attempt_status: str = "failed") -> dict[str, Any]:
+    """The error of a failed attempt as stored on the attempt row and in a dead outcome."""
+    cls = type(exc)
+    name = (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
+    tb = "".join(traceback.format_exception(exc))
+    return {
+        "class": name,
+        "message": str(exc)[:MAX_ERROR_MESSAGE],
+        "traceback": tb[-MAX_TRACEBACK:],
+        "attempt_status": attempt_status,
+    }
+
+
+class Worker:
+    """Runs the app's handlers for the tasks of some queues.
+
+    Args:
+        app: the application whose registered tasks this worker runs.
+        config: settings; keyword arguments override its fields.
+    """
+
+    def __init__(self, app: App, config: WorkerConfig | None = None, **overrides: Any) -> None:
+        cfg = config or WorkerConfig()
+        for key, value in overrides.items():
+            if not hasattr(cfg, key):
+                raise InvalidInput(f"unknown worker setting {key!r}")
+            setattr(cfg, key, value)
+        cfg.validate()
+        if not app.tasks:
+            raise InvalidInput("the app has no registered tasks: nothing for a worker to run")
+        self.app = app
+        self.config = cfg
+        self.queues = list(dict.fromkeys(cfg.queues))
+        self.worker_id = cfg.worker_id or (
+            f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        )
+        self.log = _log.get(worker_id=self.worker_id)
+        self._stopping = threading.Event()
+        self._stopped_claiming = threading.Event()
+        self._wake = threading.Condition()
+        self._wake_seq = 0
+        self._held: dict[int, Claimed] = {}
+        self._held_lock = threading.Lock()
+        self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
+        self._threads: list[threading.Thread] = []
+        self._durations: dict[str, float] = {}
+        self._slot_ids = itertools.count()
+        self._signals = 0
+        self._first_signal_at = 0.0
+        self._stuck = 0
+        self.counts: dict[str, int] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def run(self, install_signals: bool = True) -> int:
+        """Run until stopped (``stop()``, SIGTERM or SIGINT); return the exit code (0).
+
+        Raises:
+            SchemaOutdated, SchemaTooNew: the schema does not match the code.
+        """
+        dsn = self.app.dsn
+        with self.app.connect() as conn:
+            _migrate.check(conn)
+        if install_signals:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        self._pool = ConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=self.config.concurrency + 2,
+            kwargs={"autocommit": True},
+            open=False,
+            name=f"pgidem-worker-{self.worker_id}",
+        )
+        self._pool.open(wait=False)
+        self.log.info(
+            "worker_started",
+            queues=self.queues,
+            concurrency=self.config.concurrency,
+            lease_s=self.config.lease,
+            tasks=sorted(self.app.tasks),
+            database=self.app.resolved.describe(),
+        )
+        self._register()
+        self._start(self._listen, "pgidem-listener")
+        self._start(self._heartbeat_loop, "pgidem-heartbeat")
+        for _ in range(self.config.concurrency):
+            self._start_slot()
+        self._stopping.wait()
+        self._shutdown()
+        return 0
+
+    def stop(self) -> None:
+        """Ask the worker to stop gracefully (what SIGTERM does)."""
+        self._stopping.set()
+        self._notify()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        # The same kill often reaches us twice at once (sent to the process and to its group,
+        # as `timeout` and some supervisors do): only a signal sent later counts as a second.
+        if self._signals and now - self._first_signal_at < 0.5:
+            return
+        self._signals += 1
+        self._first_signal_at = self._first_signal_at or now
+        if self._signals > 1:
+            self.log.warning("worker_killed", signal=signal.Signals(signum).name)
+            sys.stderr.flush()
+            os._exit(1)
+        self.log.info("worker_stopping", signal=signal.Signals(signum).name)
+        self.stop()
+
+    def _start(self, target: Any, name: str) -> threading.Thread:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        return thread
+
+    def _start_slot(self) -> None:
+        self._start(self._slot_loop, f"pgidem-slot-{next(self._slot_ids)}")
+
+    def _shutdown(self) -> None:
+        deadline = time.monotonic() + self.config.grace_period
+        slots = [t for t in self._threads if t.name.startswith("pgidem-slot")]
+        for thread in slots:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        unfinished = [t.name for t in slots if t.is_alive()]
+        if unfinished:
+            self.log.warning("grace_period_over", unfinished_slots=unfinished)
+        # Leases of claimed tasks that never started go back (slots release their own; this
+        # catches any left by a slot that did not get to it).
+        self._release_unstarted()
+        with contextlib.suppress(Exception), self._connection() as conn:
+            _store.worker_deregister(conn, self.worker_id)
+        if self._pool is not None:
+            self._pool.close(timeout=1.0)
+        self.log.info("worker_stopped", **self.counts)
+
+    # -- connections ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        assert self._pool is not None
+        with self._pool.connection(timeout=self.config.lease) as conn:
+            yield conn
+
+    def _backoff(self, attempt: int) -> float:
+        return float(min(self.config.reconnect_max, 0.1 * 2**attempt))
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake_seq += 1
+            self._wake.notify_all()
+
+    # -- claiming ------------------------------------------------------------------------------
+
+    def _claim_limit(self) -> int:
+        """How many tasks a slot claims at once: a full batch for short handlers, fewer when
+        handlers are slow, so that one slot does not sit on work another slot could start."""
+        if not self._durations:
+            return self.config.batch_size
+        slowest = max(self._durations.values())
+        if slowest <= 0:
+            return self.config.batch_size
+        fit = int(max(self.config.commit_interval, 0.01) / slowest)
+        return max(1, min(self.config.batch_size, fit))
+
+    def _claim(self, conn: psycopg.Connection[Any]) -> list[Claimed]:
+        rows = _store.task_claim(
+            conn,
+            worker_id=self.worker_id,
+            queues=self.queues,
+            task_names=list(self.app.tasks),
+            limit=self._claim_limit(),
+            lease_s=self.config.lease,
+        )
+        claimed = [
+            Claimed(
+                task_id=r["id"],
+                task_name=r["task_name"],
+                queue=r["queue"],
+                args=r["args"],
+                idempotency_key=r["idempotency_key"],
+                attempt=r["attempts"],
+                max_attempts=r["max_attempts"],
+                token=r["fencing_token"],
+                timeout=self.app.tasks[r["task_name"]].timeout,
+            )
+            for r in rows
+        ]
+        with self._held_lock:
+            for c in claimed:
+                self._held[c.token] = c
+        for c in claimed:
+            self.log.debug(
+                "task_claimed",
+                task_id=c.task_id,
+                task_name=c.task_name,
+                queue=c.queue,
+                attempt=c.attempt,
+                fencing_token=c.token,
+            )
+        return claimed
+
+    def _wait_for_work(self, seq: int, conn: psycopg.Connection[Any] | None) -> None:
+        timeout = self.config.poll_interval
+        if conn is not None:
+            with contextlib.suppress(PgidemError):
+                nxt = _store.next_run_at(conn, self.queues)
+                if nxt is not None:
+                    timeout = min(timeout, max(0.0, (nxt - datetime.now(UTC)).total_seconds()))
+        with self._wake:
+            if self._wake_seq == seq and not self._stopping.is_set():
+                self._wake.wait(timeout)
+
+    # -- the slot ------------------------------------------------------------------------------
+
+    def _slot_loop(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            seq = self._wake_seq
+            try:
+                with self._connection() as conn:
+                    batch = self._claim(conn)
+                    if batch:
+                        self._run_batch(conn, batch)
+                    failures = 0
+                    if not batch:
+                        self._wait_for_work(seq, conn)
+                if self._abandoned_in_this_thread():
+                    return
+            except (psycopg.Error, PgidemError, OSError) as exc:
+                if self._abandoned_in_this_thread():
+                    return
+                failures += 1
+                delay = self._backoff(failures)
+                self.log.warning(
+                    "slot_error", error=f"{type(exc).__name__}: {exc}", retry_in_s=delay
+                )
+                self._stopping.wait(delay)
+            except Exception as exc:  # a bug in pgidem: keep the worker alive, say so loudly
+                self.log.exception("slot_crashed", error=repr(exc))
+                self._stopping.wait(1.0)
+
+    def _abandoned_in_this_thread(self) -> bool:
+        return getattr(threading.current_thread(), "pgidem_abandoned", False) is True
+
+    def _run_batch(self, conn: psycopg.Connection[Any], batch: list[Claimed]) -> None:
+        """Run a claimed batch in completion transactions; release what was never started."""
+        pending = list(batch)
+        try:
+            while (
+                pending
+                and not self._stopping.is_set()
+                and not self._abandoned_in_this_thread()
+                and self._run_transaction(conn, pending)
+            ):
+                pass
+        finally:
+            if pending:
+                self._release(pending)
+
+    def _run_transaction(self, conn: psycopg.Connection[Any], pending: list[Claimed]) -> bool:
+        """One completion transaction: run tasks from ``pending`` (removing them) until the
+        batch is done or the transaction has been open ``commit_interval``; then commit.
+        Return False when the connection can no longer be used for the rest of the batch."""
+        done: list[tuple[Claimed, str, float]] = []
+        fenced: list[Claimed] = []
+        current: Claimed | None = None
+        opened = time.monotonic()
+        conn.execute("BEGIN")
+        try:
+            while pending and not self._stopping.is_set():
+                task = pending[0]
+                if done and (
+                    task.timeout is not None
+                    or time.monotonic() - opened >= self.config.commit_interval
+                ):
+                    # Commit what is done before a task with a time limit starts, so that a
+                    # handler that gets stuck holds nothing but its own work.
+                    break
+                current = pending.pop(0)
+                outcome, duration = self._run_one(conn, current)
+                if outcome == "ended_transaction":
+                    # The handler ended the transaction: what came before it in this
+                    # transaction is in an unknown state (committed or rolled back).
+                    self._recover_after_ended_transaction(done, current, duration)
+                    return not conn.closed
+                done.append((current, outcome, duration))
+                current = None
+                if outcome == "fenced":
+                    fenced.append(done[-1][0])
+                if outcome == "abandoned":
+                    break
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.execute("ROLLBACK")
+            # Nothing of this transaction is known to have committed: stop heartbeating these
+            # tasks so their leases expire and the claim path rescues them with new tokens.
+            for task, _, _ in done:
+                self._forget(task)
+            if current is not None:
+                self._forget(current)
+            raise
+        for task, outcome, duration in done:
+            if outcome != "abandoned":  # the heartbeat already recorded and logged it
+                self._finished(task, outcome, duration)
+        if fenced:
+            # The fenced attempts are recorded in their own transaction, after the others.
+            with contextlib.suppress(PgidemError, psycopg.Error):
+                _store.attempt_finish_unfenced(
+                    conn, tokens=[t.token for t in fenced], status="fenced"
+                )
+        return True
+
+    def _run_one(self, conn: psycopg.Connection[Any], task: Claimed) -> tuple[str, float]:
+        """Run one task inside the open transaction; return (outcome, seconds)."""
+        registered: Task = self.app.tasks[task.task_name]
+        task_log = self.log.bind(
+            task_id=task.task_id,
+            task_name=task.task_name,
+            queue=task.queue,
+            attempt=task.attempt,
+            fencing_token=task.token,
+        )
+        ctx = Context(
+            task_id=task.task_id,
+            task_name=task.task_name,
+            queue=task.queue,
+            attempt=task.attempt,
+            max_attempts=task.max_attempts,
+            fencing_token=task.token,
+            idempotency_key=task.idempotency_key,
+            args=task.args,
+            conn=conn,
+            log=task_log,
+            worker_id=self.worker_id,
+            lease=task.lease,
+            services=self,
+        )
+        conn.execute(f"SAVEPOINT {_SAVEPOINT}")
+        task.thread = threading.current_thread()
+        task.started_at = time.monotonic()
+        error: BaseException | None = None
+        result_json = "null"
+        try:
+            result = registered.fn(ctx, **task.args)
+            result_json = dump_json(result, "result")
+        except Exception as exc:
+            error = exc
+        duration = time.monotonic() - task.started_at
+        self._durations[task.task_name] = 0.8 * self._durations.get(task.task_name, duration) + (
+            0.2 * duration
+        )
+
+        if conn.broken:
+            raise psycopg.OperationalError("the connection broke while the handler ran")
+        status = conn.info.transaction_status
+        if conn.closed or status == psycopg.pq.TransactionStatus.IDLE:
+            return "ended_transaction", duration
+        if task.lease.abandoned.is_set():
+            # Past its timeout the heartbeat already failed the attempt; nothing of it commits.
+            conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+            return "abandoned", duration
+        if error is None and status == psycopg.pq.TransactionStatus.INERROR:
+            error = InvalidInput(
+                "the handler returned with its transaction in an error state (it caught a "
+                "database error and went on); its writes were rolled back"
+            )
+        if error is None:
+            if _store.task_complete(
+                conn, task_id=task.task_id, token=task.token, result_json=result_json
+            ):
+                conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+                return "succeeded", duration
+            conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+            return ("cancelled" if task.lease.cancelled.is_set() else "fenced"), duration
+        conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+        return self._fail(conn, task, registered, error, task_log), duration
+
+    def _fail(
+        self,
+        conn: psycopg.Connection[Any],
+        task: Claimed,
+        registered: Task,
+        error: BaseException,
+        task_log: Any,
+    ) -> str:
+        """Record a failed attempt (inside the completion transaction); return the outcome."""
+        record = error_record(error)
+        final = (
+            isinstance(error, NonRetryable | InvalidInput)
+            or isinstance(error.__cause__, NonRetryable)
+            or task.attempt >= task.max_attempts
+        )
+        if isinstance(error, LeaseLost):
+            final = False
+        if final:
+            ok = _store.task_kill(
+                conn,
+                task_id=task.task_id,
+                token=task.token,
+                error=record,
+                error_json=dump_json(
+                    {k: record[k] for k in ("class", "message")} | {"attempt": task.attempt},
+                    "error",
+                ),
+            )
+            outcome = "dead"
+        else:
+            delay = (
+                error.delay
+                if isinstance(error, Retry) and error.delay is not None
+                else registered.retry.delay(task.attempt)
+            )
+            ok = _store.task_retry_later(
+                conn, task_id=task.task_id, token=task.token, delay_s=delay, error=record
+            )
+            outcome = "retried"
+        if not ok:
+            return "cancelled" if task.lease.cancelled.is_set() else "fenced"
+        task_log.debug("task_error", error_class=record["class"], error=record["message"])
+        return outcome
+
+    def _recover_after_ended_transaction(
+        self, done: list[tuple[Claimed, str, float]], task: Claimed, duration: float
+    ) -> None:
+        """A handler committed, rolled back or closed the task's connection. Fail its attempt
+        without retrying (its own commit may have made its writes stick: retrying could repeat
+        them) and settle the tasks that shared its transaction, by what the database says."""
+        self.log.error(
+            "handler_ended_transaction",
+            task_id=task.task_id,
+            fencing_token=task.token,
+            detail="the handler ended the task's transaction itself; the attempt fails",
+        )
+        err = InvalidInput(
+            "the handler committed, rolled back or closed the task's transaction; "
+            "pgidem did not record a completion for it"
+        )
+        with self._connection() as fresh:
+            outcome = self._fail(fresh, task, self.app.tasks[task.task_name], err, self.log)
+            self._finished(task, outcome, duration)
+            for other, _, other_duration in done:
+                row = _store.task_get(fresh, other.task_id)
+                if row is not None and row["outcome_token"] == other.token:
+                    self._finished(other, "succeeded", other_duration)
+                elif (
+                    row is not None
+                    and row["state"] == "running"
+                    and row["fencing_token"] == other.token
+                ):
+                    # Its completion was rolled back with the handler's ROLLBACK: run it again.
+                    _store.task_retry_later(
+                        fresh,
+                        task_id=other.task_id,
+                        token=other.token,
+                        delay_s=0,
+                        error=error_record(
+                            RuntimeError("rolled back by another handler in the same transaction")
+                        ),
+                    )
+                    self._finished(other, "retried", other_duration)
+                else:
+                    self._finished(other, "fenced", other_duration)
+
+    def _finished(self, task: Claimed, outcome: str, duration: float) -> None:
+        self._forget(task)
+        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+        level = "info" if outcome in ("succeeded", "retried") else "warning"
+        getattr(self.log, level)(
+            f"task_{outcome}",
+            task_id=task.task_id,
+            task_name=task.task_name,
+            queue=task.queue,
+            attempt=task.attempt,
+            fencing_token=task.token,
+            outcome=outcome,
+            duration_ms=round(duration * 1000, 2),
+        )
+
+    def _forget(self, task: Claimed) -> None:
+        with self._held_lock:
+            self._held.pop(task.token, None)
+
+    def _release(self, tasks: list[Claimed]) -> None:
+        """Give back the leases of claimed tasks that never started."""
+        for task in tasks:
+            self._forget(task)
+        with contextlib.suppress(PgidemError, psycopg.Error), self._connection() as conn:
+            released = _store.lease_release(
+                conn, task_ids=[t.task_id for t in tasks], tokens=[t.token for t in tasks]
+            )
+            self.log.info("leases_released", released=released)
+
+    def _release_unstarted(self) -> None:
+        with self._held_lock:
+            unstarted = [t for t in self._held.values() if t.started_at is None]
+        if unstarted:
+            self._release(unstarted)
+
+    # -- heartbeat -----------------------------------------------------------------------------
+
+    def _register(self) -> None:
+        attempt = 0
+        while not self._stopping.is_set():
+            try:
+                with self._connection() as conn:
+                    self._upsert_worker(conn)
+                return
+            except (psycopg.Error, PgidemError, OSError) as exc:
+                attempt += 1
+                self.log.warning("worker_register_failed", error=str(exc))
+                self._stopping.wait(self._backoff(attempt))
+
+    def _upsert_worker(self, conn: psycopg.Connection[Any]) -> None:
+        _store.worker_upsert(
+            conn,
+            worker_id=self.worker_id,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            queues=self.queues,
+            concurrency=self.config.concurrency,
+        )
+
+    def heartbeat_interval(self) -> float:
+        """Seconds between heartbeats: a third of the lease, at most 2 s (cancellation and
+        timeouts are noticed at this pace)."""
+        return min(self.config.lease / 3.0, 2.0)
+
+    def _heartbeat_loop(self) -> None:
+        failures = 0
+        while not self._stopping.wait(self.heartbeat_interval()):
+            try:
+                self._heartbeat_once()
+                failures = 0
+            except (psycopg.Error, PgidemError, OSError) as exc:
+                failures += 1
+                self.log.warning("heartbeat_failed", error=f"{type(exc).__name__}: {exc}")
+            except Exception as exc:
+                self.log.exception("heartbeat_crashed", error=repr(exc))
+
+    def _heartbeat_once(self) -> None:
+        self._abandon_overdue()
+        with self._held_lock:
+            held = [t for t in self._held.values() if not t.lease.abandoned.is_set()]
+        with self._connection() as conn:
+            if held:
+                states = _store.lease_extend(
+                    conn,
+                    task_ids=[t.task_id for t in held],
+                    tokens=[t.token for t in held],
+                    lease_s=self.config.lease,
+                )
+                for task in held:
+                    current, cancelled = states.get(task.token, (False, False))
+                    if cancelled and not task.lease.cancelled.is_set():
+                        task.lease.cancelled.set()
+                        self.log.warning(
+                            "task_cancel_seen", task_id=task.task_id, fencing_token=task.token
+                        )
+                    elif not current and not task.lease.lost.is_set() and not cancelled:
+                        task.lease.lost.set()
+                        self.log.warning(
+                            "lease_lost",
+                            task_id=task.task_id,
+                            task_name=task.task_name,
+                            fencing_token=task.token,
+                        )
+            self._upsert_worker(conn)
+
+    def _abandon_overdue(self) -> None:
+        """Abandon handlers past their timeout: fail the attempt now (fenced by its token, in
+        the heartbeat's own transaction), so the task retries or dies by its policy; the stuck
+        thread's completion will be refused, and a new slot takes its place."""
+        now = time.monotonic()
+        with self._held_lock:
+            overdue = [
+                t
+                for t in self._held.values()
+                if t.timeout is not None
+                and t.started_at is not None
+                and not t.lease.abandoned.is_set()
+                and now - t.started_at > t.timeout
+            ]
+        for task in overdue:
+            task.lease.abandoned.set()
+            self._forget(task)
+            error = TimeoutError(f"the handler ran past its timeout of {task.timeout} s")
+            record = error_record(error, attempt_status="abandoned")
+            registered = self.app.tasks[task.task_name]
+            with self._connection() as conn, conn.transaction():
+                conn.execute("SET LOCAL lock_timeout = '2s'")
+                if task.attempt >= task.max_attempts:
+                    _store.task_kill(
+                        conn,
+                        task_id=task.task_id,
+                        token=task.token,
+                        error=record,
+                        error_json=dump_json(
+                            {"class": record["class"], "message": record["message"]}, "error"
+                        ),
+                    )
+                else:
+                    _store.task_retry_later(
+                        conn,
+                        task_id=task.task_id,
+                        token=task.token,
+                        delay_s=registered.retry.delay(task.attempt),
+                        error=record,
+                    )
+            self.counts["abandoned"] = self.counts.get("abandoned", 0) + 1
+            self.log.warning(
+                "task_abandoned",
+                task_id=task.task_id,
+                task_name=task.task_name,
+                fencing_token=task.token,
+                timeout_s=task.timeout,
+            )
+            self._replace_stuck_slot(task)
+
+    def _replace_stuck_slot(self, task: Claimed) -> None:
+        # The stuck thread leaves its loop if its handler ever returns; a new slot takes over.
+        if task.thread is not None:
+            task.thread.pgidem_abandoned = True  # type: ignore[attr-defined]
+        self._stuck += 1
+        if self._stuck >= self.config.concurrency * 2:
+            self.log.error("worker_replacing_itself", stuck_threads=self._stuck)
+            self._reexec()
+        self._start_slot()
+
+    def _reexec(self) -> None:
+        """Every slot is stuck in a handler that will not return: start afresh in place."""
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+    # -- listener ------------------------------------------------------------------------------
+
+    def _listen(self) -> None:
+        """LISTEN on a dedicated connection; wake slots on a NOTIFY for one of our queues."""
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(self.app.dsn, autocommit=True) as conn:
+                    conn.execute("LISTEN pgidem")
+                    failures = 0
+                    self._notify()  # anything enqueued while we were not listening
+                    while not self._stopping.is_set():
+                        for note in conn.notifies(timeout=1.0):
+                            if note.payload in self.queues or not note.payload:
+                                self._notify()
+            except psycopg.Error as exc:
+                failures += 1
+                delay = self._backoff(failures)
+                self.log.warning("listener_reconnecting", error=str(exc), retry_in_s=delay)
+                self._stopping.wait(delay)
+
+
+def run_worker(app: App, **settings: Any) -> int:
+    """Build a worker from keyword settings and run it; return its exit code."""
+    return Worker(app, **settings).run()
