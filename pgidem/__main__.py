@@ -1,0 +1,5 @@
+"""``python -m pgidem``: the command line."""
+
+from pgidem.cli import main
+
+main()
