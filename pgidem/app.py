@@ -335,6 +335,13 @@ class App:
             self._schema_checked = True
         return pool
 
+    def _check_caller_conn(self, conn: psycopg.Connection[Any]) -> None:
+        # The caller's own connection may point at another database than the pool's; check the
+        # schema there once per App (two cheap reads, in the caller's transaction).
+        if self.check_schema and not self._schema_checked:
+            _migrate.check(conn)
+            self._schema_checked = True
+
     def close(self) -> None:
         """Close the pool (an App can be used again afterwards; it reopens)."""
         with self._lock:
@@ -470,6 +477,7 @@ class App:
             else (registered.max_attempts if registered else None),
         }
         if conn is not None:
+            self._check_caller_conn(conn)
             return TaskHandle(self, _store.task_enqueue(conn, **params))
         with self.pool.connection() as pooled:
             return TaskHandle(self, _store.task_enqueue(pooled, **params))
@@ -550,6 +558,7 @@ class App:
         if not payloads:
             return []
         if conn is not None:
+            self._check_caller_conn(conn)
             return run(conn)
         with self.pool.connection() as pooled, mapped_errors(), pooled.transaction():
             return run(pooled)

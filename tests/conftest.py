@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -126,3 +126,25 @@ def app(dsn: str) -> Iterator[pgidem.App]:
     application = pgidem.App(dsn)
     yield application
     application.close()
+
+
+@pytest.fixture
+def make_database(server_dsn: str) -> Iterator[Callable[[], str]]:
+    """A factory of empty databases (no pgidem schema) on the session's server; returns a DSN.
+
+    Every database it made is dropped at the end of the test.
+    """
+    made: list[str] = []
+
+    def create() -> str:
+        name = f"{TEST_DB}_empty_{len(made)}"
+        with psycopg.connect(server_dsn, autocommit=True) as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            c.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return make_conninfo(server_dsn, dbname=name)
+
+    yield create
+    with psycopg.connect(server_dsn, autocommit=True) as c:
+        for name in made:
+            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
