@@ -232,19 +232,18 @@ def test_schema_too_new_refuses_migrate(too_new: str) -> None:
         _migrate.migrate(c)
     assert f"version {newer}" in str(exc.value) and "upgrade pgidem" in str(exc.value)
     proc = _cli("migrate", dsn=too_new)
-    out, err = proc.communicate(timeout=60)
+    _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert "newer than this pgidem" in err and "upgrade pgidem" in err
 
 
 def test_schema_too_new_refuses_enqueue(too_new: str) -> None:
     """App.enqueue, with or without conn=, refuses a schema newer than the code."""
-    with pgidem.App(too_new) as app:
-        with pytest.raises(pgidem.SchemaTooNew, match="upgrade pgidem"):
-            app.enqueue("charge", {})
-    with pgidem.App(too_new) as app, psycopg.connect(too_new) as c:
-        with pytest.raises(pgidem.SchemaTooNew, match="upgrade pgidem"):
-            app.enqueue("charge", {}, conn=c)
+    with pgidem.App(too_new) as app, pytest.raises(pgidem.SchemaTooNew, match="upgrade pgidem"):
+        app.enqueue("charge", {})
+    too_new_error = pytest.raises(pgidem.SchemaTooNew, match="upgrade pgidem")
+    with pgidem.App(too_new) as app, psycopg.connect(too_new) as c, too_new_error:
+        app.enqueue("charge", {}, conn=c)
     with psycopg.connect(too_new, autocommit=True) as c:
         assert c.execute("SELECT count(*) FROM pgidem.tasks").fetchone() == (0,)
 
@@ -272,9 +271,9 @@ def test_no_schema_says_run_migrate(make_database: Callable[[], str]) -> None:
             app.enqueue("charge", {})
         with pytest.raises(pgidem.SchemaOutdated, match="run `pgidem migrate`"):
             Worker(app, WorkerConfig(queues=["default"])).run(install_signals=False)
-    with pgidem.App(empty) as app, psycopg.connect(empty) as c:
-        with pytest.raises(pgidem.SchemaOutdated, match="run `pgidem migrate`"):
-            app.enqueue("charge", {}, conn=c)
+    outdated = pytest.raises(pgidem.SchemaOutdated, match="run `pgidem migrate`")
+    with pgidem.App(empty) as app, psycopg.connect(empty) as c, outdated:
+        app.enqueue("charge", {}, conn=c)
     proc = _cli("enqueue", "charge", dsn=empty)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "run `pgidem migrate`" in err, err
