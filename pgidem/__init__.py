@@ -24,6 +24,7 @@ from pgidem.errors import (
     TaskCancelled,
     TaskFailed,
     TaskNotFound,
+    TransactionEnded,
 )
 from pgidem.worker import Worker, WorkerConfig
 
@@ -52,6 +53,7 @@ __all__ = [
     "TaskHandle",
     "TaskInfo",
     "TaskNotFound",
+    "TransactionEnded",
     "Worker",
     "WorkerConfig",
     "__version__",

@@ -40,6 +40,18 @@ class TaskConnection:
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         object.__setattr__(self, "_conn", conn)
+        object.__setattr__(self, "_misused", "")
+
+    @property
+    def misused(self) -> str:
+        """What the handler tried that would have ended the transaction ("" if nothing): the
+        worker fails such an attempt even when the handler caught the error and went on."""
+        misused: str = object.__getattribute__(self, "_misused")
+        return misused
+
+    def _refuse(self, what: str, message: str) -> InvalidState:
+        object.__setattr__(self, "_misused", what)
+        return InvalidState(message)
 
     @property
     def raw(self) -> psycopg.Connection[Any]:
@@ -51,29 +63,34 @@ class TaskConnection:
         """Execute a statement in the task's transaction (like ``Connection.execute``)."""
         text = _query_bytes(query)
         if text is not None and _TX_END.match(text):
-            raise InvalidState(
+            raise self._refuse(
+                "end",
                 "a task's transaction is committed by pgidem with its completion record; "
-                "the handler may not end it (use conn.transaction() for a savepoint)"
+                "the handler may not end it (use conn.transaction() for a savepoint)",
             )
         return self.raw.execute(query, params, **kwargs)
 
     def commit(self) -> None:
-        raise InvalidState("the handler may not commit the task's transaction")
+        raise self._refuse("commit", "the handler may not commit the task's transaction")
 
     def rollback(self) -> None:
-        raise InvalidState(
-            "the handler may not roll back the task's transaction: raise an exception instead"
+        raise self._refuse(
+            "roll back",
+            "the handler may not roll back the task's transaction: raise an exception instead",
         )
 
     def close(self) -> None:
-        raise InvalidState("the handler may not close the task's connection")
+        raise self._refuse("close", "the handler may not close the task's connection")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.raw, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "autocommit":
-            raise InvalidState("the handler may not change autocommit on the task's connection")
+            raise self._refuse(
+                "change autocommit on",
+                "the handler may not change autocommit on the task's connection",
+            )
         setattr(self.raw, name, value)
 
 

@@ -11,16 +11,19 @@ The tree::
     │   └── IdempotencyKeyMismatch   a key reused with different args (SQLSTATE PI001)
     ├── TaskNotFound             no task with that id or key
     ├── InvalidState             the task is not in a state that allows the operation
+    │   └── TransactionEnded     a handler committed, rolled back or closed its task's transaction
     ├── TaskFailed               handle.result(): the task ended `dead`; carries the final error
     ├── TaskCancelled            handle.result(): the task was cancelled
     ├── ResultTimeout            handle.result(timeout=...) ran out of time
+    ├── StepFailed               ctx.step(name, fn): fn raised; the original is ``__cause__``
     └── DatabaseError            any other error from PostgreSQL or the connection
 
 Raised by handlers to steer their own retry (not errors of pgidem's)::
 
     Retry(delay)                 retry after `delay` seconds, counting an attempt
     NonRetryable                 fail now: the task goes to `dead` whatever attempts are left
-    LeaseLost                    raised by ctx.check_lease() when the lease is gone
+    LeaseLost                    raised by ctx.check_lease() when the lease is gone, and by
+                                 ctx.step() when the claim is stale (its record is refused)
 
 Every error that came from psycopg keeps it as ``__cause__``.
 """
@@ -88,6 +91,11 @@ class InvalidState(PgidemError):
     """The task's state does not allow the operation (retrying a running task, say)."""
 
 
+class TransactionEnded(InvalidState):
+    """A handler ended (or tried to end) the task's transaction, which only pgidem may end: the
+    attempt fails without retry and no completion is recorded for it."""
+
+
 class TaskFailed(PgidemError):
     """The task ended `dead`.
 
@@ -114,6 +122,22 @@ class ResultTimeout(PgidemError):
 
 class DatabaseError(PgidemError):
     """An error from PostgreSQL or the connection that pgidem has no more specific class for."""
+
+
+class StepFailed(PgidemError):
+    """A step's ``fn`` raised: the task's attempt fails and retries by its policy, and the next
+    attempt calls ``fn`` again with the same key (nothing was recorded). The original error is
+    ``__cause__``; raise NonRetryable from ``fn`` to fail the task for good.
+
+    Attributes:
+        step: the step's name.
+        key: the step's idempotency key.
+    """
+
+    def __init__(self, step: str, key: str, error: BaseException) -> None:
+        super().__init__(f"step {step!r} failed: {type(error).__name__}: {error}")
+        self.step = step
+        self.key = key
 
 
 class Retry(Exception):

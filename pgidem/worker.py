@@ -42,14 +42,15 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from pgidem import _log, _migrate, _store
+from pgidem import errors as _errors
 from pgidem.app import App, Task, dump_json
 from pgidem.context import Context, LeaseState
 from pgidem.errors import (
     InvalidInput,
-    LeaseLost,
     NonRetryable,
     PgidemError,
     Retry,
+    TransactionEnded,
 )
 
 #: The longest error message kept on an attempt row, in characters.
@@ -74,6 +75,8 @@ class Claimed:
     token: int
     lease: LeaseState = field(default_factory=LeaseState)
     started_at: float | None = None
+    #: monotonic time by which the lease surely ends unless the heartbeat extends it
+    lease_until: float = 0.0
     timeout: float | None = None
     thread: threading.Thread | None = None
 
@@ -172,11 +175,11 @@ class Worker:
             SchemaOutdated, SchemaTooNew: the schema does not match the code.
         """
         dsn = self.app.dsn
-        with self.app.connect() as conn:
-            _migrate.check(conn)
         if install_signals:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
+        if not self._check_schema():
+            return 0
         self._pool = ConnectionPool(
             dsn,
             min_size=1,
@@ -202,6 +205,29 @@ class Worker:
         self._stopping.wait()
         self._shutdown()
         return 0
+
+    def _check_schema(self) -> bool:
+        """Check the schema, waiting (with backoff) while the database cannot be reached: a
+        worker started before its database, or during a restart, waits for it. Return False
+        when asked to stop while waiting.
+
+        Raises:
+            SchemaOutdated, SchemaTooNew: the schema does not match the code.
+        """
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                with self.app.connect(connect_timeout=5) as conn:
+                    _migrate.check(conn)
+                return True
+            except _errors.DatabaseError as exc:
+                if not isinstance(exc.__cause__, psycopg.OperationalError):
+                    raise
+                failures += 1
+                delay = self._backoff(failures)
+                self.log.warning("database_unreachable", error=str(exc), retry_in_s=delay)
+                self._stopping.wait(delay)
+        return False
 
     def stop(self) -> None:
         """Ask the worker to stop gracefully (what SIGTERM does)."""
@@ -254,7 +280,9 @@ class Worker:
     @contextlib.contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
         assert self._pool is not None
-        with self._pool.connection(timeout=self.config.lease) as conn:
+        # Short, so that during an outage a slot goes back to its loop (and notices a shutdown)
+        # instead of waiting on the pool for a whole lease.
+        with self._pool.connection(timeout=min(self.config.lease, 5.0)) as conn:
             yield conn
 
     def _backoff(self, attempt: int) -> float:
@@ -279,6 +307,8 @@ class Worker:
         return max(1, min(self.config.batch_size, fit))
 
     def _claim(self, conn: psycopg.Connection[Any]) -> list[Claimed]:
+        # Taken before the claim is sent, so the lease surely ends after it on the server.
+        lease_until = time.monotonic() + self.config.lease
         rows = _store.task_claim(
             conn,
             worker_id=self.worker_id,
@@ -298,6 +328,7 @@ class Worker:
                 max_attempts=r["max_attempts"],
                 token=r["fencing_token"],
                 timeout=self.app.tasks[r["task_name"]].timeout,
+                lease_until=lease_until,
             )
             for r in rows
         ]
@@ -400,6 +431,10 @@ class Worker:
                     self._recover_after_ended_transaction(done, current, duration)
                     return not conn.closed
                 done.append((current, outcome, duration))
+                # Its row is now locked by this transaction (or its claim is over): the
+                # heartbeat has nothing left to do for it, and must not take the moment after
+                # COMMIT, when the task is no longer running, for a lost lease.
+                self._forget(current)
                 current = None
                 if outcome == "fenced":
                     fenced.append(done[-1][0])
@@ -476,6 +511,13 @@ class Worker:
             # Past its timeout the heartbeat already failed the attempt; nothing of it commits.
             conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
             return "abandoned", duration
+        if ctx.conn.misused:
+            # It tried to end the transaction and pgidem refused; even if it carried on, its
+            # attempt fails for good (a handler that does this would do it on every retry).
+            error = TransactionEnded(
+                f"the handler tried to {ctx.conn.misused} the task's transaction, which only "
+                "pgidem may end (with the completion record); its writes were rolled back"
+            )
         if error is None and status == psycopg.pq.TransactionStatus.INERROR:
             error = InvalidInput(
                 "the handler returned with its transaction in an error state (it caught a "
@@ -503,12 +545,10 @@ class Worker:
         """Record a failed attempt (inside the completion transaction); return the outcome."""
         record = error_record(error)
         final = (
-            isinstance(error, NonRetryable | InvalidInput)
+            isinstance(error, NonRetryable | InvalidInput | TransactionEnded)
             or isinstance(error.__cause__, NonRetryable)
             or task.attempt >= task.max_attempts
         )
-        if isinstance(error, LeaseLost):
-            final = False
         if final:
             ok = _store.task_kill(
                 conn,
@@ -548,22 +588,21 @@ class Worker:
             fencing_token=task.token,
             detail="the handler ended the task's transaction itself; the attempt fails",
         )
-        err = InvalidInput(
+        err = TransactionEnded(
             "the handler committed, rolled back or closed the task's transaction; "
             "pgidem did not record a completion for it"
         )
         with self._connection() as fresh:
             outcome = self._fail(fresh, task, self.app.tasks[task.task_name], err, self.log)
             self._finished(task, outcome, duration)
-            for other, _, other_duration in done:
+            for other, other_outcome, other_duration in done:
                 row = _store.task_get(fresh, other.task_id)
-                if row is not None and row["outcome_token"] == other.token:
-                    self._finished(other, "succeeded", other_duration)
-                elif (
-                    row is not None
-                    and row["state"] == "running"
-                    and row["fencing_token"] == other.token
-                ):
+                if row is None or row["fencing_token"] != other.token:
+                    self._finished(other, "fenced", other_duration)
+                elif row["state"] != "running" or other_outcome == "fenced":
+                    # The handler's COMMIT committed what this task recorded before it.
+                    self._finished(other, other_outcome, other_duration)
+                else:
                     # Its completion was rolled back with the handler's ROLLBACK: run it again.
                     _store.task_retry_later(
                         fresh,
@@ -575,8 +614,9 @@ class Worker:
                         ),
                     )
                     self._finished(other, "retried", other_duration)
-                else:
-                    self._finished(other, "fenced", other_duration)
+            fenced = [other.token for other, outcome, _ in done if outcome == "fenced"]
+            if fenced:
+                _store.attempt_finish_unfenced(fresh, tokens=fenced, status="fenced")
 
     def _finished(self, task: Claimed, outcome: str, duration: float) -> None:
         self._forget(task)
@@ -643,45 +683,88 @@ class Worker:
         return min(self.config.lease / 3.0, 2.0)
 
     def _heartbeat_loop(self) -> None:
-        failures = 0
-        while not self._stopping.wait(self.heartbeat_interval()):
-            try:
-                self._heartbeat_once()
-                failures = 0
-            except (psycopg.Error, PgidemError, OSError) as exc:
-                failures += 1
-                self.log.warning("heartbeat_failed", error=f"{type(exc).__name__}: {exc}")
-            except Exception as exc:
-                self.log.exception("heartbeat_crashed", error=repr(exc))
+        conn: psycopg.Connection[Any] | None = None
+        try:
+            while not self._stopping.wait(self.heartbeat_interval()):
+                try:
+                    if conn is None or conn.closed or conn.broken:
+                        conn = self._heartbeat_connect()
+                    self._heartbeat_once(conn)
+                except (psycopg.Error, PgidemError, OSError) as exc:
+                    self.log.warning("heartbeat_failed", error=f"{type(exc).__name__}: {exc}")
+                    if conn is not None:
+                        conn.close()
+                        conn = None
+                except Exception as exc:
+                    self.log.exception("heartbeat_crashed", error=repr(exc))
+                # Whether the database answered or not: a lease not extended in time is gone.
+                self._expire_unextended()
+        finally:
+            if conn is not None:
+                conn.close()
 
-    def _heartbeat_once(self) -> None:
+    def _heartbeat_connect(self) -> psycopg.Connection[Any]:
+        # Its own connection, not the pool's: the heartbeat must never queue behind busy slots,
+        # and a connection attempt must fail fast when the server is away.
+        timeout = max(2, int(min(self.config.lease / 2, 10)))
+        with _errors.mapped_errors():
+            return psycopg.connect(self.app.dsn, autocommit=True, connect_timeout=timeout)
+
+    def _held_now(self, task: Claimed) -> bool:
+        with self._held_lock:
+            return self._held.get(task.token) is task
+
+    def _heartbeat_once(self, conn: psycopg.Connection[Any]) -> None:
         self._abandon_overdue()
         with self._held_lock:
             held = [t for t in self._held.values() if not t.lease.abandoned.is_set()]
-        with self._connection() as conn:
-            if held:
-                states = _store.lease_extend(
-                    conn,
-                    task_ids=[t.task_id for t in held],
-                    tokens=[t.token for t in held],
-                    lease_s=self.config.lease,
-                )
-                for task in held:
-                    current, cancelled = states.get(task.token, (False, False))
-                    if cancelled and not task.lease.cancelled.is_set():
-                        task.lease.cancelled.set()
-                        self.log.warning(
-                            "task_cancel_seen", task_id=task.task_id, fencing_token=task.token
-                        )
-                    elif not current and not task.lease.lost.is_set() and not cancelled:
-                        task.lease.lost.set()
-                        self.log.warning(
-                            "lease_lost",
-                            task_id=task.task_id,
-                            task_name=task.task_name,
-                            fencing_token=task.token,
-                        )
-            self._upsert_worker(conn)
+        if held:
+            sent_at = time.monotonic()
+            states = _store.lease_extend(
+                conn,
+                task_ids=[t.task_id for t in held],
+                tokens=[t.token for t in held],
+                lease_s=self.config.lease,
+            )
+            for task in held:
+                current, cancelled = states.get(task.token, (False, False))
+                if current:
+                    task.lease_until = sent_at + self.config.lease
+                # A task whose attempt ended while the statement ran is not lost: only one
+                # this worker still holds can be.
+                if not self._held_now(task):
+                    continue
+                if cancelled and not task.lease.cancelled.is_set():
+                    task.lease.cancelled.set()
+                    self.log.warning(
+                        "task_cancel_seen", task_id=task.task_id, fencing_token=task.token
+                    )
+                elif not current and not task.lease.lost.is_set() and not cancelled:
+                    self._mark_lost(task, "superseded")
+        self._upsert_worker(conn)
+
+    def _expire_unextended(self) -> None:
+        """Mark lost the leases the heartbeat could not extend before they ran out (the
+        database was unreachable): another worker may hold the task now."""
+        now = time.monotonic()
+        with self._held_lock:
+            late = [
+                t for t in self._held.values() if t.lease_until < now and not t.lease.lost.is_set()
+            ]
+        for task in late:
+            self._mark_lost(task, "not_extended_in_time")
+
+    def _mark_lost(self, task: Claimed, reason: str) -> None:
+        task.lease.lost.set()
+        self.log.warning(
+            "lease_lost",
+            task_id=task.task_id,
+            task_name=task.task_name,
+            queue=task.queue,
+            attempt=task.attempt,
+            fencing_token=task.token,
+            reason=reason,
+        )
 
     def _abandon_overdue(self) -> None:
         """Abandon handlers past their timeout: fail the attempt now (fenced by its token, in
@@ -755,18 +838,22 @@ class Worker:
         failures = 0
         while not self._stopping.is_set():
             try:
-                with psycopg.connect(self.app.dsn, autocommit=True) as conn:
+                with psycopg.connect(self.app.dsn, autocommit=True, connect_timeout=5) as conn:
                     conn.execute("LISTEN pgidem")
+                    if failures:
+                        self.log.info("listener_reconnected")
                     failures = 0
                     self._notify()  # anything enqueued while we were not listening
                     while not self._stopping.is_set():
                         for note in conn.notifies(timeout=1.0):
                             if note.payload in self.queues or not note.payload:
                                 self._notify()
-            except psycopg.Error as exc:
+            except Exception as exc:  # whatever it was, listen again: polling covers the gap
                 failures += 1
                 delay = self._backoff(failures)
-                self.log.warning("listener_reconnecting", error=str(exc), retry_in_s=delay)
+                self.log.warning(
+                    "listener_reconnecting", error=f"{type(exc).__name__}: {exc}", retry_in_s=delay
+                )
                 self._stopping.wait(delay)
 
 

@@ -82,17 +82,23 @@ WITH rescued AS (
       FROM rescued r
      WHERE a.task_id = r.id AND a.status = 'running'
 ), exhausted AS (
+    -- No attempt left: a rescued task whose every attempt lost its lease; and, as a backstop,
+    -- a queued one (no path should leave it so; claiming it would break the attempts CHECK and
+    -- fail this whole statement, for every worker, for ever).
     UPDATE pgidem.tasks t
        SET state = 'dead', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,
-           last_error = 'LeaseExpired: the lease expired on every one of its attempts'
-      FROM rescued r
+           last_error = CASE WHEN t.state = 'running'
+                             THEN 'LeaseExpired: the lease expired on every one of its attempts'
+                             ELSE 'AttemptsExhausted: no attempt left to run it' END
+      FROM (SELECT id FROM rescued UNION ALL SELECT id FROM fresh) r
      WHERE t.id = r.id AND t.attempts >= t.max_attempts
-    RETURNING t.id, t.fencing_token, t.attempts
+    RETURNING t.id, t.fencing_token, t.attempts, t.last_error
 ), exhausted_outcomes AS (
     INSERT INTO pgidem.outcomes (task_id, fencing_token, state, error)
-    SELECT e.id, e.fencing_token, 'dead',
-           jsonb_build_object('class', 'LeaseExpired', 'attempts', e.attempts,
-                              'message', 'the lease expired on every one of its attempts')
+    SELECT e.id, coalesce(e.fencing_token, 0), 'dead',
+           jsonb_build_object('class', split_part(e.last_error, ':', 1), 'attempts', e.attempts,
+                              'message', ltrim(substr(e.last_error,
+                                                      strpos(e.last_error, ':') + 1)))
       FROM exhausted e
     ON CONFLICT DO NOTHING
 ), claimed AS (
@@ -104,8 +110,8 @@ WITH rescued AS (
            started_at = now()
      WHERE t.id IN (SELECT id FROM fresh
                     UNION ALL
-                    SELECT r.id FROM rescued r
-                     WHERE r.id NOT IN (SELECT id FROM exhausted))
+                    SELECT id FROM rescued)
+       AND t.id NOT IN (SELECT id FROM exhausted)
     RETURNING t.id, t.task_name, t.queue, t.args, t.idempotency_key, t.priority, t.attempts,
               t.max_attempts, t.fencing_token, t.run_at
 ), new_attempts AS (
@@ -278,3 +284,251 @@ SELECT id, hostname, pid, queues, concurrency, started_at, heartbeat_at,
 -- name: task_prune
 -- One batch of pruning (see pgidem.prune); the caller loops, one transaction per batch.
 SELECT pgidem.prune(%(older_than)s::interval, %(batch_size)s::integer) AS deleted;
+
+-- ============================================================================================
+-- Stability run (`pgidem stability`, `pgidem demo`; pgidem/_stability.py). The run works in a
+-- scratch database of its own; `{name}` placeholders are identifiers filled in with
+-- psycopg.sql, never from user text other than the generated scratch name.
+
+-- name: stability_database_create
+-- The run's scratch database (the only database a stability run creates or drops).
+CREATE DATABASE {dbname}
+
+-- name: stability_database_drop
+-- Drop the scratch database at the end; FORCE ends connections a killed worker left behind.
+DROP DATABASE IF EXISTS {dbname} WITH (FORCE)
+
+-- name: stability_data_directory
+-- Where the server keeps its data: a --data-dir must name this server's, or no server faults.
+SELECT current_setting('data_directory') AS data_directory
+
+-- name: stability_ledger_create
+-- The workload's ledger: deliberately NO unique constraint on task or key, so a duplicate
+-- write would show as a second row instead of an error.
+CREATE TABLE public.pgidem_stability_ledger (
+    id            bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    task_id       bigint      NOT NULL,
+    key           text        NOT NULL,
+    fencing_token bigint      NOT NULL,
+    charge_id     text        NOT NULL,
+    amount        integer     NOT NULL,
+    written_at    timestamptz NOT NULL DEFAULT now()
+)
+
+-- name: stability_ledger_insert
+-- The handler's write (through ctx.conn: it commits with the fenced completion or not at all).
+INSERT INTO public.pgidem_stability_ledger (task_id, key, fencing_token, charge_id, amount)
+VALUES (%(task_id)s, %(key)s, %(fencing_token)s, %(charge_id)s, %(amount)s)
+
+-- name: stability_progress
+-- The live progress line: how many of the run's tasks exist, have succeeded, are running.
+SELECT count(*) AS tasks,
+       count(*) FILTER (WHERE state = 'succeeded') AS succeeded,
+       count(*) FILTER (WHERE state = 'running') AS running,
+       count(*) FILTER (WHERE state IN ('succeeded', 'dead', 'cancelled')) AS finished
+  FROM pgidem.tasks
+ WHERE task_name = %(task_name)s
+
+-- name: stability_held_tasks
+-- Which running tasks each worker process holds (by pid, through the worker registry).
+SELECT t.id, t.fencing_token, w.pid
+  FROM pgidem.tasks t
+  JOIN pgidem.workers w ON w.id = t.lease_owner
+ WHERE t.state = 'running' AND t.task_name = %(task_name)s
+
+-- name: stability_task_tokens
+-- The current token and state of some tasks (a paused worker's tasks: were they re-claimed?).
+SELECT id, fencing_token, state FROM pgidem.tasks WHERE id = ANY(%(ids)s::bigint[])
+
+-- name: stability_attempt_statuses
+-- How some attempts ended (a paused worker's stale attempts: were they refused?).
+SELECT fencing_token, task_id, status FROM pgidem.attempts
+ WHERE fencing_token = ANY(%(tokens)s::bigint[])
+
+-- name: stability_terminate_backends
+-- The pg_terminate_backend fault: end every connection of one worker process (its connections
+-- carry its application_name), in the scratch database only.
+SELECT count(*) FILTER (WHERE pg_terminate_backend(a.pid)) AS terminated
+  FROM pg_stat_activity a
+ WHERE a.datname = current_database() AND a.application_name = %(application_name)s
+   AND a.pid <> pg_backend_pid()
+
+-- name: stability_task_report
+-- The checker's view of every task of the run: its state and outcome, how many outcomes,
+-- ledger rows and attempts of each kind it has, and the tokens of each.
+SELECT t.id, t.idempotency_key AS key, t.state, t.attempts, t.fencing_token, t.lease_owner,
+       o.fencing_token AS outcome_token, o.state AS outcome_state, o.result AS outcome_result,
+       (SELECT count(*) FROM pgidem.outcomes o2 WHERE o2.task_id = t.id) AS outcomes,
+       coalesce(l.rows, 0) AS ledger_rows, l.tokens AS ledger_tokens, l.charge_ids,
+       coalesce(a.total, 0) AS attempt_rows, coalesce(a.succeeded, 0) AS succeeded_attempts,
+       a.succeeded_tokens, coalesce(a.fenced, 0) AS fenced_attempts,
+       coalesce(a.running, 0) AS running_attempts
+  FROM pgidem.tasks t
+  LEFT JOIN pgidem.outcomes o ON o.task_id = t.id
+  LEFT JOIN LATERAL (
+      SELECT count(*) AS rows, array_agg(x.fencing_token ORDER BY x.id) AS tokens,
+             array_agg(x.charge_id ORDER BY x.id) AS charge_ids
+        FROM public.pgidem_stability_ledger x WHERE x.task_id = t.id
+  ) l ON true
+  LEFT JOIN LATERAL (
+      SELECT count(*) AS total,
+             count(*) FILTER (WHERE y.status = 'succeeded') AS succeeded,
+             array_agg(y.fencing_token) FILTER (WHERE y.status = 'succeeded') AS succeeded_tokens,
+             count(*) FILTER (WHERE y.status = 'fenced') AS fenced,
+             count(*) FILTER (WHERE y.status = 'running') AS running
+        FROM pgidem.attempts y WHERE y.task_id = t.id
+  ) a ON true
+ WHERE t.task_name = %(task_name)s
+ ORDER BY t.id
+
+-- name: stability_keys_with_many_tasks
+-- Keys that have more than one task (the unique index should make this impossible).
+SELECT idempotency_key AS key, count(*) AS tasks
+  FROM pgidem.tasks
+ WHERE task_name = %(task_name)s
+ GROUP BY idempotency_key
+HAVING count(*) > 1
+
+-- name: stability_fenced_ledger_rows
+-- Ledger rows written by an attempt that did not succeed (stale, fenced, killed): each one is a
+-- write that escaped its transaction.
+SELECT l.task_id, l.fencing_token, coalesce(a.status, 'no attempt row') AS status
+  FROM public.pgidem_stability_ledger l
+  LEFT JOIN pgidem.attempts a ON a.fencing_token = l.fencing_token
+ WHERE a.status IS DISTINCT FROM 'succeeded'
+
+-- name: stability_attempt_summary
+-- How the run's attempts ended, by status.
+SELECT a.status, count(*) AS attempts
+  FROM pgidem.attempts a JOIN pgidem.tasks t ON t.id = a.task_id
+ WHERE t.task_name = %(task_name)s
+ GROUP BY a.status
+ ORDER BY a.status
+
+-- name: stability_worker_pids
+-- The worker registry: which pid each worker id has (to tell a live owner from a dead one).
+SELECT id, pid FROM pgidem.workers
+
+-- effects ----------------------------------------------------------------------------------------
+-- ctx.step, ctx.once, ctx.fence, outcome lookup and pruning (migration 0002_effects).
+
+-- name: step_begin
+-- Before a step's fn runs, in its own short transaction (autocommit, not the task's): return the
+-- step's record if one exists, and write this attempt's call marker, `replayed` when there is a
+-- record, else `calling` (the trace left if the worker dies before the record). The marker is
+-- written only while the claim is current (token ours, task running); FOR SHARE makes a
+-- concurrent rescue wait for this short statement or be seen by it (the row is re-checked after
+-- the wait), never slip in between the check and the insert. `current` false and no record:
+-- the caller must not call fn (LeaseLost).
+WITH recorded AS (
+    SELECT s.result, s.fencing_token, s.attempt
+      FROM pgidem.steps s
+     WHERE s.task_id = %(task_id)s AND s.name = %(name)s
+), current_claim AS (
+    SELECT t.id
+      FROM pgidem.tasks t
+     WHERE t.id = %(task_id)s AND t.fencing_token = %(token)s AND t.state = 'running'
+       FOR SHARE
+), call AS (
+    INSERT INTO pgidem.step_calls (task_id, fencing_token, attempt, name, step_key, status,
+                                   finished_at)
+    SELECT c.id, %(token)s, %(attempt)s, %(name)s, %(step_key)s,
+           CASE WHEN EXISTS (SELECT 1 FROM recorded) THEN 'replayed' ELSE 'calling' END,
+           CASE WHEN EXISTS (SELECT 1 FROM recorded) THEN now() END
+      FROM current_claim c
+    RETURNING id
+)
+SELECT (SELECT id FROM call) AS call_id,
+       EXISTS (SELECT 1 FROM current_claim) AS current,
+       EXISTS (SELECT 1 FROM recorded) AS recorded,
+       r.result AS recorded_result, r.fencing_token AS recorded_token,
+       r.attempt AS recorded_attempt
+  FROM (SELECT 1) AS one
+  LEFT JOIN recorded r ON true;
+
+-- name: step_record
+-- After fn returned, in its own short transaction: record the step's result, fenced like a
+-- completion (only while the token is ours and the task running, FOR SHARE as in step_begin),
+-- ON CONFLICT DO NOTHING on (task, name); finish the call marker as `recorded`, or `refused`
+-- when the claim is no longer current (the caller raises LeaseLost: a stale worker cannot
+-- record a step). `existing_result` is the record that was there already, if any (the first
+-- record wins, as for outcomes).
+WITH current_claim AS (
+    SELECT t.id
+      FROM pgidem.tasks t
+     WHERE t.id = %(task_id)s AND t.fencing_token = %(token)s AND t.state = 'running'
+       FOR SHARE
+), ins AS (
+    INSERT INTO pgidem.steps (task_id, name, step_key, fencing_token, attempt, result)
+    SELECT c.id, %(name)s, %(step_key)s, %(token)s, %(attempt)s, %(result)s::jsonb
+      FROM current_claim c
+    ON CONFLICT (task_id, name) DO NOTHING
+    RETURNING task_id
+), existing AS (
+    SELECT s.result FROM pgidem.steps s WHERE s.task_id = %(task_id)s AND s.name = %(name)s
+), call AS (
+    UPDATE pgidem.step_calls
+       SET status = CASE WHEN NOT EXISTS (SELECT 1 FROM current_claim) THEN 'refused'
+                         WHEN EXISTS (SELECT 1 FROM ins) THEN 'recorded'
+                         ELSE 'replayed' END,
+           finished_at = now()
+     WHERE id = %(call_id)s
+)
+SELECT EXISTS (SELECT 1 FROM current_claim) AS current,
+       EXISTS (SELECT 1 FROM ins) AS inserted,
+       EXISTS (SELECT 1 FROM existing) AS had_record,
+       (SELECT result FROM existing) AS existing_result;
+
+-- name: step_fail
+-- fn raised (or returned something that is not JSON): keep the error on this attempt's call.
+-- Not fenced: it is history of what this attempt did, like the attempt row.
+UPDATE pgidem.step_calls
+   SET status = 'failed', finished_at = now(), error_class = %(error_class)s,
+       error_message = %(error_message)s
+ WHERE id = %(call_id)s AND status = 'calling';
+
+-- name: task_steps
+-- `pgidem show`: the recorded steps of a task.
+SELECT name, step_key, fencing_token, attempt, result, recorded_at
+  FROM pgidem.steps
+ WHERE task_id = %(task_id)s
+ ORDER BY recorded_at, name;
+
+-- name: task_step_history
+-- `pgidem show`: every step call of every attempt of a task, oldest first, with its summary.
+SELECT call_id, attempt, fencing_token, worker_id, step, step_key, status, effective_status,
+       attempt_status, called_at, finished_at, error_class, error_message, summary
+  FROM pgidem.step_history
+ WHERE task_id = %(task_id)s
+ ORDER BY call_id;
+
+-- name: once_claim
+-- ctx.once(key), on the task's connection inside its transaction: true the first time.
+SELECT pgidem.once(%(key)s::text, %(task_id)s::bigint, %(token)s::bigint) AS first;
+
+-- name: fence_advance
+-- ctx.fence(resource), on the task's connection inside its transaction: advance the resource's
+-- fence to this claim's token unless a newer token was seen; say whether it was accepted.
+SELECT pgidem.fence_advance(%(resource)s::text, %(token)s::bigint) AS accepted;
+
+-- name: task_outcome_by_key
+-- App.find(): a task's state and outcome by (task name, idempotency key).
+SELECT task_id, task_name, idempotency_key, state, attempts, max_attempts, outcome_state,
+       result, error, finished_at
+  FROM pgidem.outcome_of(%(task_name)s::text, %(idempotency_key)s::text);
+
+-- name: prune_batch
+-- One batch of pruning (see pgidem.prune_batch): autocommit, so one short transaction.
+SELECT tasks_deleted, once_keys_deleted
+  FROM pgidem.prune_batch(%(older_than)s::interval, %(batch_size)s::integer);
+
+-- name: prune_pending
+-- `pgidem prune --dry-run`: how many finished tasks and once keys are older than the retention.
+-- Uses the tasks_finished and once_keys_created indexes.
+SELECT (SELECT count(*) FROM pgidem.tasks t
+         WHERE t.state IN ('succeeded', 'dead', 'cancelled')
+           AND t.finished_at < now() - coalesce(%(older_than)s::interval,
+                                                pgidem.key_retention())) AS tasks,
+       (SELECT count(*) FROM pgidem.once_keys k
+         WHERE k.created_at < now() - coalesce(%(older_than)s::interval,
+                                               pgidem.key_retention())) AS once_keys;

@@ -1,0 +1,132 @@
+"""Handlers for the worker tests, run by real `pgidem worker --app tests.apps.worker_app:app`.
+
+Every handler that writes does so through ``ctx.conn`` into a ``ledger`` table the test creates
+(no unique constraint, so a write that committed twice shows up as two rows). Behaviour is
+steered by the task's args, so one app serves every test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import pgidem
+from pgidem import NonRetryable, Retry, RetryPolicy
+
+LEDGER_DDL = """
+CREATE TABLE ledger (
+    task_id  bigint      NOT NULL,
+    token    bigint      NOT NULL,
+    attempt  integer     NOT NULL,
+    worker   text        NOT NULL,
+    n        integer,
+    at       timestamptz NOT NULL DEFAULT clock_timestamp()
+)
+"""
+
+app = pgidem.App()
+# A worker that only knows `write`: tasks of other names are not its to claim.
+narrow_app = pgidem.App()
+
+
+def _write(ctx: pgidem.Context, n: int | None) -> None:
+    ctx.conn.execute(
+        "INSERT INTO ledger (task_id, token, attempt, worker, n) VALUES (%s, %s, %s, %s, %s)",
+        (ctx.task_id, ctx.fencing_token, ctx.attempt, ctx.worker_id, n),
+    )
+
+
+@app.task()
+def write(ctx: pgidem.Context, n: int = 0, sleep: float = 0.0) -> dict[str, Any]:
+    """One ledger row, then an optional sleep (so a test can kill or pause the worker)."""
+    _write(ctx, n)
+    if sleep:
+        time.sleep(sleep)
+    return {"n": n, "token": ctx.fencing_token}
+
+
+@narrow_app.task(name="write")
+def narrow_write(ctx: pgidem.Context, n: int = 0, sleep: float = 0.0) -> dict[str, Any]:
+    _write(ctx, n)
+    return {"n": n}
+
+
+@app.task(max_attempts=4, retry=RetryPolicy(base=0.3, cap=1.2, jitter=0.0))
+def always_fails(ctx: pgidem.Context, n: int = 0) -> None:
+    """Writes, then raises: the write never commits; retried with backoff 0.3, 0.6, 1.2 s."""
+    _write(ctx, n)
+    raise ValueError(f"attempt {ctx.attempt} of task {ctx.task_id} failed on purpose")
+
+
+@app.task(max_attempts=5)
+def retry_once(ctx: pgidem.Context, delay: float = 0.5) -> dict[str, Any]:
+    """Asks for a retry after ``delay`` seconds on its first attempt, succeeds on the second."""
+    _write(ctx, ctx.attempt)
+    if ctx.attempt == 1:
+        raise Retry(delay, reason="come back later")
+    return {"attempt": ctx.attempt}
+
+
+@app.task(max_attempts=5)
+def non_retryable(ctx: pgidem.Context) -> None:
+    """Fails for good on its first attempt."""
+    _write(ctx, 0)
+    raise NonRetryable("this request can never succeed")
+
+
+@app.task(max_attempts=5)
+def bad_result(ctx: pgidem.Context) -> Any:
+    """Writes, then returns something that is not JSON."""
+    _write(ctx, 0)
+    return {"when": object()}
+
+
+@app.task(max_attempts=3)
+def ends_transaction(ctx: pgidem.Context, how: str) -> dict[str, Any]:
+    """Writes, then tries to end the task's transaction itself, in the way ``how`` names; if
+    pgidem stops it (an exception), the handler swallows that and returns normally."""
+    _write(ctx, 0)
+    try:
+        if how == "commit":
+            ctx.conn.commit()
+        elif how == "rollback":
+            ctx.conn.rollback()
+        elif how == "close":
+            ctx.conn.close()
+        elif how == "execute_commit":
+            ctx.conn.execute("COMMIT")
+        elif how == "raw_commit":
+            ctx.conn.raw.commit()
+        elif how == "raw_rollback":
+            ctx.conn.raw.rollback()
+        elif how == "raw_close":
+            ctx.conn.raw.close()
+        elif how == "cursor_commit":
+            ctx.cursor().execute("COMMIT")
+        else:
+            raise AssertionError(how)
+    except pgidem.InvalidState:
+        pass
+    return {"how": how}
+
+
+@app.task(max_attempts=2)
+def poison(ctx: pgidem.Context, how: str = "exit") -> None:
+    """Kills the worker running it, every time."""
+    _write(ctx, 0)
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(3)
+
+
+@app.task(max_attempts=1)
+def long_running(ctx: pgidem.Context, seconds: float) -> dict[str, Any]:
+    """Runs for ``seconds``, checking its lease as it goes (the heartbeat must keep it)."""
+    _write(ctx, 0)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ctx.check_lease()
+        time.sleep(0.05)
+    return {"lease_lost": ctx.lease_lost}
