@@ -338,7 +338,10 @@ BEGIN
             SELECT input.new_id, enqueue_many.task_name, input.a, enqueue_many.queue, input.k,
                    coalesce(enqueue_many.run_at, now()), enqueue_many.priority,
                    coalesce(enqueue_many.max_attempts, 5)
-              FROM input ORDER BY input.i
+              -- In key order: concurrent bulk calls with overlapping keys then take the
+              -- unique-index entries in one order and cannot deadlock. A key repeated within
+              -- the call is inserted at its first position (the others dedupe to it).
+              FROM input ORDER BY input.k, input.i
             ON CONFLICT (task_name, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING id
         )
