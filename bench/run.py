@@ -1,0 +1,652 @@
+"""pgidem's benchmark suite: one command, a table of figures, and a JSON file.
+
+    python bench/run.py [--dsn DSN] [--quick] [--compare] [--no-pgbench] [--json FILE]
+
+Every figure is measured in this run, on scratch databases this script creates on the server
+and drops afterwards (``pgidem_bench_*``); see bench/README.md for what each figure means and
+how it is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import psycopg
+from benchlib import (
+    BENCH,
+    BenchError,
+    admin_connect,
+    dbname_of,
+    scratch_db,
+    wait_idle,
+    xact_commit,
+)
+from psycopg.conninfo import conninfo_to_dict
+
+DEFAULT_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+RESULTS = BENCH / "results"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each section does."""
+
+    pgbench_s: int
+    bulk: int
+    one: int
+    drain: int
+    grid: tuple[tuple[int, int, int], ...]  # (processes, concurrency, batch size)
+    latency: int
+    latency_gap_s: float
+    history: int
+    rss: int
+    pgq_grid: tuple[tuple[int, int], ...]  # (processes, batch size)
+    pgq_one: int
+    proc_drain: int
+    proc_grid: tuple[tuple[int, int], ...]  # (processes, concurrency)
+    proc_one: int
+    proc_latency: int
+
+
+FULL = Sizes(
+    pgbench_s=12,
+    bulk=20_000,
+    one=2_000,
+    drain=20_000,
+    grid=((1, 4, 16), (2, 4, 16), (2, 8, 16), (2, 8, 100), (2, 16, 100)),
+    latency=300,
+    latency_gap_s=0.02,
+    history=500_000,
+    rss=100_000,
+    pgq_grid=((1, 100), (2, 100), (2, 500), (1, 500)),
+    pgq_one=2_000,
+    proc_drain=5_000,
+    proc_grid=((1, 10), (2, 10), (2, 30)),
+    proc_one=1_000,
+    proc_latency=100,
+)
+QUICK = Sizes(
+    pgbench_s=3,
+    bulk=1_000,
+    one=100,
+    drain=1_000,
+    grid=((1, 4, 16), (2, 4, 16)),
+    latency=20,
+    latency_gap_s=0.02,
+    history=20_000,
+    rss=0,
+    pgq_grid=((2, 500),),
+    pgq_one=100,
+    proc_drain=300,
+    proc_grid=((2, 10),),
+    proc_one=100,
+    proc_latency=10,
+)
+
+PGBENCH_SCRIPT = """\
+\\set aid random(1, 100000 * :scale)
+\\set bid random(1, 1 * :scale)
+\\set tid random(1, 10 * :scale)
+\\set delta random(-5000, 5000)
+BEGIN;
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+INSERT INTO pgbench_history (tid, bid, aid, delta, mtime)
+  VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
+END;
+"""
+
+
+def log(message: str) -> None:
+    print(f"[{datetime.now(UTC).strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- the machine ---------------------------------------------------------------------------------
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def machine(admin_dsn: str) -> dict[str, Any]:
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_kib = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    with admin_connect(admin_dsn) as conn:
+        version = conn.execute("SHOW server_version").fetchone()
+        settings = dict(
+            conn.execute(
+                "SELECT name, setting FROM pg_settings WHERE name IN ('fsync', "
+                "'synchronous_commit', 'shared_buffers', 'max_connections', 'wal_level', "
+                "'full_page_writes')"
+            ).fetchall()
+        )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "postgres": version[0] if version else "?",
+        "postgres_settings": settings,
+        "psycopg": psycopg.__version__,
+    }
+
+
+# -- pgbench -------------------------------------------------------------------------------------
+
+
+def run_pgbench(admin_dsn: str, seconds: int) -> dict[str, Any]:
+    """pgbench's commit rate: one UPDATE + one INSERT per transaction, 4 clients."""
+    with scratch_db(admin_dsn, "pgbench") as dsn:
+        params = conninfo_to_dict(dsn)
+        base = [
+            "pgbench",
+            "-h",
+            str(params.get("host", "127.0.0.1")),
+            "-p",
+            str(params.get("port", 5432)),
+            "-U",
+            str(params.get("user", "postgres")),
+        ]
+        env = {**os.environ}
+        if params.get("password"):
+            env["PGPASSWORD"] = str(params["password"])
+        db = dbname_of(dsn)
+        subprocess.run([*base, "-i", "-s", "1", "-q", db], check=True, capture_output=True, env=env)
+        with tempfile.NamedTemporaryFile("w", suffix=".sql") as script:
+            script.write(PGBENCH_SCRIPT)
+            script.flush()
+            wait_idle(admin_dsn, db)
+            before = xact_commit(admin_dsn, db)
+            out = subprocess.run(
+                [*base, "-n", "-c", "4", "-j", "2", "-T", str(seconds), "-f", script.name, db],
+                check=True,
+                capture_output=True,
+                text=True,
+                env=env,
+            ).stdout
+            wait_idle(admin_dsn, db)
+            after = xact_commit(admin_dsn, db)
+    match = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out)
+    if not match:
+        raise BenchError(f"cannot read pgbench's tps from:\n{out}")
+    return {
+        "clients": 4,
+        "seconds": seconds,
+        "tps": round(float(match.group(1)), 1),
+        "xact_commit_delta": after - before,
+        "script": "BEGIN; UPDATE pgbench_accounts; INSERT INTO pgbench_history; END",
+    }
+
+
+# -- pgidem --------------------------------------------------------------------------------------
+
+
+def use_ref(ref: str) -> dict[str, str]:
+    """Run pgidem from a snapshot of a commit (``git archive``), not from the working tree:
+    figures for committed code while the tree is being edited. Put it first on the path of
+    this process and of every worker it starts."""
+    root = BENCH.parent
+    commit = subprocess.run(
+        ["git", "rev-parse", ref], cwd=root, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    snap = Path(tempfile.mkdtemp(prefix=f"pgidem-bench-{commit[:8]}-"))
+    archive = subprocess.run(
+        ["git", "archive", commit, "pgidem", "sql"], cwd=root, check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(snap)], input=archive, check=True)
+    sys.path.insert(1, str(snap))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(snap), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
+    return {"ref": ref, "commit": commit, "snapshot": str(snap)}
+
+
+def working_tree() -> dict[str, str]:
+    root = BENCH.parent
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "pgidem", "sql"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return {"ref": "working tree", "commit": commit, "dirty": "yes" if dirty else "no"}
+
+
+def bench_pgidem(admin_dsn: str, sizes: Sizes, quick: bool) -> dict[str, Any]:
+    import pgidem_drain as pgd
+
+    out: dict[str, Any] = {}
+    with scratch_db(admin_dsn, "pgidem") as dsn:
+        pgd.setup(dsn)
+        pgd.reset(dsn)
+        log(f"pgidem: bulk enqueue of {sizes.bulk}")
+        seconds = pgd.enqueue_bulk(dsn, sizes.bulk)
+        out["bulk_enqueue"] = {
+            "tasks": sizes.bulk,
+            "seconds": round(seconds, 3),
+            "jobs_per_s": round(sizes.bulk / seconds, 1),
+            "method": "App.enqueue_many (default batch size), one transaction",
+        }
+        pgd.reset(dsn)
+        log(f"pgidem: one-at-a-time enqueue of {sizes.one}")
+        out["one_enqueue"] = pgd.enqueue_one(dsn, sizes.one)
+
+        drains: list[dict[str, Any]] = []
+        for task in ("noop", "write_row"):
+            for procs, conc, batch in sizes.grid:
+                pgd.reset(dsn)
+                log(f"pgidem: drain {sizes.drain} {task}, {procs} x {conc}, batch {batch}")
+                r = pgd.run_drain(
+                    admin_dsn,
+                    dsn,
+                    tasks=sizes.drain,
+                    task=task,
+                    procs=procs,
+                    concurrency=conc,
+                    batch_size=batch,
+                )
+                drains.append(
+                    {
+                        "task": task,
+                        "processes": procs,
+                        "concurrency": conc,
+                        "batch_size": batch,
+                        "setting": f"{procs} procs x {conc} threads, batch {batch}",
+                        **r.as_dict(),
+                    }
+                )
+        out["drains"] = drains
+
+        pgd.reset(dsn)
+        log(f"pgidem: latency, {sizes.latency} samples")
+        out["latency"] = pgd.run_latency(
+            admin_dsn, dsn, samples=sizes.latency, gap_s=sizes.latency_gap_s
+        )
+        out["latency"]["method"] = (
+            "1 worker (concurrency 4, batch 16, poll 1 s), idle; one App.enqueue every "
+            f"{sizes.latency_gap_s * 1000:.0f} ms; handler start minus the enqueuer's clock "
+            "before the call"
+        )
+
+        best = max((d for d in drains if d["task"] == "noop"), key=lambda d: d["jobs_per_s"])
+        procs, conc, batch = best["processes"], best["concurrency"], best["batch_size"]
+        pgd.reset(dsn)
+        log(f"pgidem: history: empty table, {procs} x {conc}, batch {batch}")
+        empty = pgd.run_drain(
+            admin_dsn,
+            dsn,
+            tasks=sizes.drain,
+            task="noop",
+            procs=procs,
+            concurrency=conc,
+            batch_size=batch,
+        )
+        pgd.reset(dsn)
+        log(f"pgidem: history: inserting {sizes.history} finished tasks")
+        insert_s = pgd.add_history(dsn, sizes.history)
+        log("pgidem: history: drain on top of it")
+        full = pgd.run_drain(
+            admin_dsn,
+            dsn,
+            tasks=sizes.drain,
+            task="noop",
+            procs=procs,
+            concurrency=conc,
+            batch_size=batch,
+        )
+        out["history"] = {
+            "history_rows": sizes.history,
+            "insert_seconds": round(insert_s, 1),
+            "setting": best["setting"],
+            "empty": empty.as_dict(),
+            "with_history": full.as_dict(),
+            "ratio": round(full.jobs_per_s / empty.jobs_per_s, 3),
+        }
+
+        if sizes.rss:
+            pgd.reset(dsn)
+            log(f"pgidem: memory over a {sizes.rss}-task run (1 worker, defaults)")
+            r = pgd.run_drain(
+                admin_dsn,
+                dsn,
+                tasks=sizes.rss,
+                task="noop",
+                procs=1,
+                concurrency=4,
+                batch_size=16,
+                rss_every=1.0,
+            )
+            out["rss"] = pgd.rss_summary(r)
+            out["rss"]["setting"] = "1 proc x 4 threads, batch 16 (the CLI defaults)"
+    return out
+
+
+# -- competitors ---------------------------------------------------------------------------------
+
+
+def bench_competitors(admin_dsn: str, sizes: Sizes) -> dict[str, Any]:
+    from compare import pgqueuer_bench, procrastinate_bench
+
+    out: dict[str, Any] = {}
+    for name, module, label in (
+        ("pgqueuer", pgqueuer_bench, "PgQueuer"),
+        ("procrastinate", procrastinate_bench, "Procrastinate"),
+    ):
+        log(f"{label}: virtual environment")
+        python = module.ensure_venv(log)
+        out[name] = module.bench(admin_dsn, python, sizes, log)
+    return out
+
+
+# -- the table -----------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return a / b
+
+
+def _best(drains: list[dict[str, Any]], task: str) -> dict[str, Any] | None:
+    rows = [d for d in drains if d["task"] == task]
+    return max(rows, key=lambda d: d["jobs_per_s"]) if rows else None
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each with what was measured and whether it is met."""
+    p = result["pgidem"]
+    pgq = result.get("compare", {}).get("pgqueuer")
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, measured: float | None, op: str, limit: float, unit: str = "") -> None:
+        met = None
+        if measured is not None:
+            met = measured >= limit if op == ">=" else measured <= limit
+        rows.append(
+            {
+                "target": name,
+                "measured": None if measured is None else round(measured, 3),
+                "wanted": f"{op} {limit}{unit}",
+                "met": met,
+            }
+        )
+
+    noop, write = _best(p["drains"], "noop"), _best(p["drains"], "write_row")
+    pgq_noop = _best(pgq["drains"], "noop") if pgq else None
+    pgq_write = _best(pgq["drains"], "write_row") if pgq else None
+    add(
+        "drain no-op, x PgQueuer best",
+        _ratio(noop and noop["jobs_per_s"], pgq_noop and pgq_noop["jobs_per_s"]),
+        ">=",
+        1.0,
+        "x",
+    )
+    add(
+        "drain one-row write, x PgQueuer best",
+        _ratio(write and write["jobs_per_s"], pgq_write and pgq_write["jobs_per_s"]),
+        ">=",
+        2.0,
+        "x",
+    )
+    add("commits per task, best no-op drain", noop and noop["commits_per_task"], "<=", 0.25)
+    add("commits per task, best one-row drain", write and write["commits_per_task"], "<=", 0.25)
+    add(
+        "bulk enqueue, x PgQueuer",
+        _ratio(p["bulk_enqueue"]["jobs_per_s"], pgq and pgq["bulk_enqueue"]["jobs_per_s"]),
+        ">=",
+        1.5,
+        "x",
+    )
+    add(
+        "one-at-a-time enqueue, round trips per call",
+        p["one_enqueue"]["round_trips_per_call"],
+        "<=",
+        1.0,
+    )
+    add("latency p50", p["latency"]["p50_ms"], "<=", 3.0, " ms")
+    add("latency p99", p["latency"]["p99_ms"], "<=", 15.0, " ms")
+    add("drain with history, x empty table", p["history"]["ratio"], ">=", 0.9, "x")
+    if "rss" in p:
+        r = p["rss"]
+        add(
+            "worker RSS, end / at 10 % of the run",
+            r["end_kib"] / r["at_10pct_kib"],
+            "<=",
+            1.05,
+            "x",
+        )
+    return rows
+
+
+def table(result: dict[str, Any]) -> str:
+    """The whole result as Markdown tables."""
+    p = result["pgidem"]
+    cmp_ = result.get("compare", {})
+    pgq, proc = cmp_.get("pgqueuer"), cmp_.get("procrastinate")
+    tps = result.get("pgbench", {}).get("tps")
+    lines: list[str] = []
+    m = result["machine"]
+    lines.append(
+        f"Run {result['started_at']} ({'quick' if result['quick'] else 'full'}) on {m['cpu']}, "
+        f"{m['cores']} cores, {m['memory_gib']} GiB; PostgreSQL {m['postgres']} "
+        f"(fsync={m['postgres_settings'].get('fsync')}, synchronous_commit="
+        f"{m['postgres_settings'].get('synchronous_commit')}); load average "
+        f"{result['load_before']} before, {result['load_after']} after. pgidem at "
+        f"{result['code']['ref']} ({result['code']['commit'][:10]})."
+    )
+    lines.append("")
+    head = ["figure", "pgidem", "x pgbench"]
+    if pgq:
+        head += [f"PgQueuer {pgq['version']}", "x pgbench"]
+    if proc:
+        head += [f"Procrastinate {proc['version']}", "x pgbench"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+
+    def tput(label: str, get: Callable[[dict[str, Any]], float | None]) -> None:
+        cells = [label]
+        for sys_ in [p] + [s for s in (pgq, proc) if s is not None]:
+            v = get(sys_)
+            cells += [_fmt(v), _fmt(_ratio(v, tps), 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+
+    def best_of(task: str) -> Callable[[dict[str, Any]], float | None]:
+        def get(s: dict[str, Any]) -> float | None:
+            b = _best(s.get("drains", []), task)
+            return b["jobs_per_s"] if b else None
+
+        return get
+
+    lines.append(
+        f"| pgbench commits/s (UPDATE+INSERT, 4 clients) | {_fmt(tps)} | 1.00 |"
+        + (" | |" if pgq else "")
+        + (" | |" if proc else "")
+    )
+    tput("drain no-op, best setting, jobs/s", best_of("noop"))
+    tput("drain one-row write, best setting, jobs/s", best_of("write_row"))
+    tput("bulk enqueue, jobs/s", lambda s: s["bulk_enqueue"]["jobs_per_s"])
+    tput("one-at-a-time enqueue, jobs/s", lambda s: s["one_enqueue"]["jobs_per_s"])
+
+    def cells(get: Callable[[dict[str, Any]], str]) -> str:
+        out = [get(p), ""]
+        for s in (pgq, proc):
+            if s is not None:
+                out += [get(s), ""]
+        return " | ".join(out)
+
+    def cpt(task: str) -> Callable[[dict[str, Any]], str]:
+        def get(s: dict[str, Any]) -> str:
+            b = _best(s.get("drains", []), task)
+            return _fmt(b["commits_per_task"], 3) if b else "-"
+
+        return get
+
+    lines.append(f"| commits per task, best no-op drain | {cells(cpt('noop'))} |")
+    lines.append(f"| commits per task, best one-row drain | {cells(cpt('write_row'))} |")
+
+    def lat(s: dict[str, Any]) -> str:
+        latency = s.get("latency")
+        if not latency:
+            return "-"
+        return (
+            f"{latency['p50_ms']:.1f} / {latency['p90_ms']:.1f} / {latency['p99_ms']:.1f}"
+            f" / {latency['max_ms']:.1f}"
+        )
+
+    lines.append(f"| enqueue to start, idle worker, p50 / p90 / p99 / max ms | {cells(lat)} |")
+    h = p["history"]
+    lines.append(
+        f"| drain no-op with {h['history_rows']:,} finished tasks, x empty table "
+        f"| {h['ratio']:.2f} ({_fmt(h['with_history']['jobs_per_s'])} vs "
+        f"{_fmt(h['empty']['jobs_per_s'])} jobs/s) | |"
+        + (" | |" if pgq else "")
+        + (" | |" if proc else "")
+    )
+    if "rss" in p:
+        r = p["rss"]
+        lines.append(
+            f"| worker RSS over {r['tasks']:,} tasks, MiB: start / 10 % / peak / end "
+            f"| {r['start_kib'] / 1024:.1f} / {r['at_10pct_kib'] / 1024:.1f} / "
+            f"{r['peak_kib'] / 1024:.1f} / {r['end_kib'] / 1024:.1f} | |"
+            + (" | |" if pgq else "")
+            + (" | |" if proc else "")
+        )
+    lines.append(
+        f"| one-at-a-time enqueue, round trips per call "
+        f"| {p['one_enqueue']['round_trips_per_call']:.2f} | |"
+        + (" | |" if pgq else "")
+        + (" | |" if proc else "")
+    )
+
+    lines.append("")
+    lines.append("Every drain (wall time from starting the worker processes until none is left):")
+    lines.append("")
+    lines.append("| system | task | setting | tasks | s | jobs/s | x pgbench | commits/task |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for name, s in (("pgidem", p), ("PgQueuer", pgq), ("Procrastinate", proc)):
+        if s is None:
+            continue
+        for d in s["drains"]:
+            lines.append(
+                f"| {name} | {d['task']} | {d['setting']} | {d['tasks']:,} | {d['seconds']:.2f} "
+                f"| {_fmt(d['jobs_per_s'])} | {_fmt(_ratio(d['jobs_per_s'], tps), 2)} "
+                f"| {d['commits_per_task']:.3f} |"
+            )
+
+    lines.append("")
+    lines.append("Targets (issue 6):")
+    lines.append("")
+    lines.append("| target | measured | wanted | met |")
+    lines.append("|---|---|---|---|")
+    for t in result["targets"]:
+        met = {True: "yes", False: "NO", None: "not measured"}[t["met"]]
+        lines.append(f"| {t['target']} | {_fmt(t['measured'], 3)} | {t['wanted']} | {met} |")
+    return "\n".join(lines)
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--dsn",
+        default=os.environ.get("PGIDEM_BENCH_DSN", DEFAULT_DSN),
+        help="a DSN for the server's maintenance database; scratch databases are created "
+        "and dropped there (default: $PGIDEM_BENCH_DSN, else %(default)s)",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny counts, for development")
+    parser.add_argument(
+        "--compare", action="store_true", help="also run PgQueuer and Procrastinate"
+    )
+    parser.add_argument("--no-pgbench", action="store_true", help="skip pgbench")
+    parser.add_argument(
+        "--ref",
+        help="benchmark pgidem as committed at this git ref (a snapshot), not the working tree",
+    )
+    parser.add_argument("--json", dest="json_file", help="also write the JSON result here")
+    parser.add_argument("--markdown", dest="md_file", help="also write the table (Markdown) here")
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    code = use_ref(args.ref) if args.ref else working_tree()
+
+    started = datetime.now(UTC)
+    t0 = time.monotonic()
+    result: dict[str, Any] = {
+        "started_at": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "quick": args.quick,
+        "machine": machine(args.dsn),
+        "load_before": load_average(),
+        "sizes": sizes.__dict__,
+        "code": code,
+    }
+    log(f"load average {result['load_before']}")
+    if not args.no_pgbench:
+        log(f"pgbench, {sizes.pgbench_s} s")
+        result["pgbench"] = run_pgbench(args.dsn, sizes.pgbench_s)
+        log(f"pgbench: {result['pgbench']['tps']} tps")
+    result["pgidem"] = bench_pgidem(args.dsn, sizes, args.quick)
+    if args.compare:
+        result["compare"] = bench_competitors(args.dsn, sizes)
+    if not args.no_pgbench and not args.quick:
+        log(f"pgbench again, {sizes.pgbench_s} s")
+        result["pgbench_after"] = run_pgbench(args.dsn, sizes.pgbench_s)
+    result["load_after"] = load_average()
+    result["duration_s"] = round(time.monotonic() - t0, 1)
+    result["targets"] = targets(result)
+    text = table(result)
+    print(text)
+    print(f"\n(took {result['duration_s']} s)")
+
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    for target in (path, Path(args.json_file) if args.json_file else None):
+        if target is not None:
+            target.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if args.md_file:
+        Path(args.md_file).write_text(text + "\n")
+    log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
