@@ -127,8 +127,11 @@ def task_claim(
     task_names: Sequence[str],
     limit: int,
     lease_s: float,
+    locked: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
-    """Claim up to ``limit`` tasks (see ``task_claim`` in queries.sql)."""
+    """Claim up to ``limit`` tasks (see ``task_claim`` in queries.sql). ``locked``: the
+    limited queues whose limit rows this transaction locked (``queue_limits_lock``); a queue
+    with limits that is not among them is not claimed from."""
     return _all(
         conn,
         "task_claim",
@@ -138,6 +141,7 @@ def task_claim(
             "task_names": list(task_names),
             "limit": limit,
             "lease_s": lease_s,
+            "locked": list(locked),
         },
     )
 
@@ -278,3 +282,211 @@ def task_prune(conn: Conn, *, older_than_s: float | None, batch_size: int) -> in
         },
     )
     return int(row["deleted"]) if row else 0
+
+
+# -- effects: steps, once keys, fences, outcome lookup, pruning ---------------------------------
+
+
+def step_begin(
+    conn: Conn, *, task_id: int, token: int, attempt: int, name: str, step_key: str
+) -> dict[str, Any]:
+    """Look up a step's record and write this attempt's call marker (see ``step_begin``).
+
+    Returns:
+        ``call_id`` (None when no marker was written), ``current`` (the claim is still ours),
+        ``recorded`` and, when it is, ``recorded_result``, ``recorded_token``,
+        ``recorded_attempt``.
+    """
+    row = _one(
+        conn,
+        "step_begin",
+        {
+            "task_id": task_id,
+            "token": token,
+            "attempt": attempt,
+            "name": name,
+            "step_key": step_key,
+        },
+    )
+    assert row is not None
+    return row
+
+
+def step_record(
+    conn: Conn,
+    *,
+    task_id: int,
+    token: int,
+    attempt: int,
+    name: str,
+    step_key: str,
+    call_id: int | None,
+    result_json: str,
+) -> dict[str, Any]:
+    """Record a step's result, fenced by the token (see ``step_record``).
+
+    Returns:
+        ``current`` (False: refused, the claim is stale), ``inserted``, ``had_record`` and
+        ``existing_result`` (the record already there, which wins).
+    """
+    row = _one(
+        conn,
+        "step_record",
+        {
+            "task_id": task_id,
+            "token": token,
+            "attempt": attempt,
+            "name": name,
+            "step_key": step_key,
+            "call_id": call_id,
+            "result": result_json,
+        },
+    )
+    assert row is not None
+    return row
+
+
+def step_fail(conn: Conn, *, call_id: int, error_class: str, error_message: str) -> None:
+    """Keep the error of a step's fn on its call marker."""
+    execute(
+        conn,
+        "step_fail",
+        {"call_id": call_id, "error_class": error_class, "error_message": error_message},
+    )
+
+
+def task_steps(conn: Conn, task_id: int) -> list[dict[str, Any]]:
+    """The recorded steps of a task."""
+    return _all(conn, "task_steps", {"task_id": task_id})
+
+
+def task_step_history(conn: Conn, task_id: int) -> list[dict[str, Any]]:
+    """Every step call of every attempt of a task, oldest first (``pgidem.step_history``)."""
+    return _all(conn, "task_step_history", {"task_id": task_id})
+
+
+def once_claim(conn: Conn, *, key: str, task_id: int | None, token: int | None) -> bool:
+    """Insert a once key (``pgidem.once``) on ``conn``; True the first time."""
+    row = _one(conn, "once_claim", {"key": key, "task_id": task_id, "token": token})
+    assert row is not None
+    return bool(row["first"])
+
+
+def fence_advance(conn: Conn, *, resource: str, token: int) -> bool:
+    """Advance a resource's fence (``pgidem.fence_advance``) on ``conn``; True if accepted."""
+    row = _one(conn, "fence_advance", {"resource": resource, "token": token})
+    assert row is not None
+    return bool(row["accepted"])
+
+
+def task_outcome_by_key(
+    conn: Conn, *, task_name: str, idempotency_key: str
+) -> dict[str, Any] | None:
+    """A task's state and outcome by (task name, key) (``pgidem.outcome_of``), or None."""
+    return _one(
+        conn, "task_outcome_by_key", {"task_name": task_name, "idempotency_key": idempotency_key}
+    )
+
+
+def _interval(seconds: float | None) -> str | None:
+    return None if seconds is None else f"{seconds} seconds"
+
+
+def prune_batch(conn: Conn, *, older_than_s: float | None, batch_size: int) -> tuple[int, int]:
+    """Delete one batch of old finished tasks and once keys; return (tasks, once keys)."""
+    row = _one(
+        conn,
+        "prune_batch",
+        {"older_than": _interval(older_than_s), "batch_size": batch_size},
+    )
+    assert row is not None
+    return int(row["tasks_deleted"]), int(row["once_keys_deleted"])
+
+
+def prune_pending(conn: Conn, *, older_than_s: float | None) -> tuple[int, int]:
+    """How many finished tasks and once keys are older than the retention."""
+    row = _one(conn, "prune_pending", {"older_than": _interval(older_than_s)})
+    assert row is not None
+    return int(row["tasks"]), int(row["once_keys"])
+
+
+# -- control: queue limits, concurrency keys ---------------------------------------------------
+
+
+def claim_begin(conn: Conn) -> None:
+    """Open the READ COMMITTED transaction a claim of a limited queue runs in."""
+    execute(conn, "claim_begin")
+
+
+def queue_limits_lock(conn: Conn, queues: Sequence[str]) -> list[str]:
+    """Lock the limit rows of these queues (inside the claim transaction); return those locked."""
+    return [str(r["queue"]) for r in _all(conn, "queue_limits_lock", {"queues": list(queues)})]
+
+
+def queue_limits_of(conn: Conn, queues: Sequence[str]) -> set[str]:
+    """Which of these queues have a limits row."""
+    return {str(r["queue"]) for r in _all(conn, "queue_limits_of", {"queues": list(queues)})}
+
+
+def queue_limit_set(
+    conn: Conn,
+    *,
+    queue: str,
+    max_running: int | None,
+    rate_limit: int | None,
+    rate_period_s: float,
+    max_per_key: int,
+) -> None:
+    """Set a queue's limits through ``pgidem.set_queue_limit``."""
+    execute(
+        conn,
+        "queue_limit_set",
+        {
+            "queue": queue,
+            "max_running": max_running,
+            "rate_limit": rate_limit,
+            "rate_period": f"{rate_period_s} seconds",
+            "max_per_key": max_per_key,
+        },
+    )
+
+
+def queue_limits_list(conn: Conn) -> list[dict[str, Any]]:
+    """Every queue with limits, with its running tasks and starts in the current period."""
+    return _all(conn, "queue_limits_list")
+
+
+def task_enqueue_keyed(
+    conn: Conn,
+    *,
+    task_name: str,
+    args_json: str,
+    queue: str,
+    idempotency_key: str | None,
+    run_at: datetime | None,
+    priority: int,
+    max_attempts: int | None,
+    concurrency_key: str,
+) -> int:
+    """Enqueue one task with a concurrency key; return its id."""
+    row = _one(
+        conn,
+        "task_enqueue_keyed",
+        {
+            "task_name": task_name,
+            "args": args_json,
+            "queue": queue,
+            "idempotency_key": idempotency_key,
+            "run_at": run_at,
+            "priority": priority,
+            "max_attempts": max_attempts,
+            "concurrency_key": concurrency_key,
+        },
+    )
+    assert row is not None
+    return int(row["id"])
+
+
+def task_control(conn: Conn, task_id: int) -> dict[str, Any] | None:
+    """A task's concurrency key and its queue's limits."""
+    return _one(conn, "task_control", {"task_id": task_id})

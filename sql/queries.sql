@@ -58,7 +58,29 @@ SELECT fencing_token, attempt, worker_id, status, claimed_at, finished_at, error
 -- attempt row; a rescued task's previous attempt becomes `lease_expired`. A rescued task that
 -- already used all its attempts goes to `dead` with an outcome instead: a task that kills its
 -- worker every time cannot crash workers forever. Only tasks this worker has handlers for.
-WITH rescued AS (
+-- Limits (docs/scheduling.md): a queue with a row in pgidem.queue_limits is not claimed by
+-- `fresh` but by `limited`, and only when this transaction holds that row's lock (the
+-- %(locked)s queues, locked by queue_limits_lock in the same transaction just before, so that
+-- this statement's snapshot already sees every claim made under the lock before ours). `room`
+-- is what the queue's limits leave: max_running minus its running tasks (expired leases
+-- included: a rescue takes such a task over without adding to the count), and rate_limit minus
+-- the starts of the last rate_period. A queue with a row this worker did not lock (its cache of
+-- limited queues is stale) is skipped this time. Rescues are never held back by limits.
+WITH limits AS (
+    SELECT l.queue, l.max_running, l.rate_limit, l.rate_period, l.max_per_key
+      FROM pgidem.queue_limits l
+     WHERE l.queue = ANY(%(queues)s::text[])
+), room AS (
+    SELECT l.queue, l.max_per_key, l.rate_limit, l.rate_period,
+           least(%(limit)s,
+                 l.max_running - (SELECT count(*) FROM pgidem.tasks r
+                                   WHERE r.state = 'running' AND r.queue = l.queue),
+                 l.rate_limit - (SELECT coalesce(sum(s.started), 0) FROM pgidem.queue_starts s
+                                  WHERE s.queue = l.queue
+                                    AND s.started_at > now() - l.rate_period)) AS room
+      FROM limits l
+     WHERE l.queue = ANY(%(locked)s::text[])
+), rescued AS (
     SELECT t.id
       FROM pgidem.tasks t
      WHERE t.state = 'running' AND t.lease_expires_at < now()
@@ -71,9 +93,65 @@ WITH rescued AS (
       FROM pgidem.tasks t
      WHERE t.state = 'queued' AND t.run_at <= now()
        AND t.queue = ANY(%(queues)s::text[]) AND t.task_name = ANY(%(task_names)s::text[])
+       AND t.queue NOT IN (SELECT l.queue FROM limits l)
      ORDER BY t.priority DESC, t.run_at, t.id
      LIMIT (SELECT %(limit)s - count(*) FROM rescued)
        FOR UPDATE SKIP LOCKED
+), limited_candidates AS (
+    -- The first runnable tasks of each locked queue whose key (if any) has a free slot; a few
+    -- more than the room, since several may share a key.
+    SELECT c.*, r.room, r.max_per_key
+      FROM room r
+      CROSS JOIN LATERAL (
+          SELECT t.id, t.queue, t.concurrency_key, t.priority, t.run_at, k.running AS key_running
+            FROM pgidem.tasks t
+            CROSS JOIN LATERAL (
+                SELECT count(*) AS running FROM pgidem.tasks kt
+                 WHERE t.concurrency_key IS NOT NULL AND kt.state = 'running'
+                   AND kt.queue = t.queue AND kt.concurrency_key = t.concurrency_key
+            ) k
+           WHERE t.state = 'queued' AND t.run_at <= now() AND t.queue = r.queue
+             AND t.task_name = ANY(%(task_names)s::text[]) AND k.running < r.max_per_key
+           ORDER BY t.priority DESC, t.run_at, t.id
+           LIMIT greatest(r.room, 0) * 4
+      ) c
+), limited_pick AS (
+    -- Per key no more than its free slots, per queue no more than its room, and in all no more
+    -- than the batch has left.
+    SELECT p.id
+      FROM (SELECT k.id, k.priority, k.run_at, k.room,
+                   row_number() OVER (PARTITION BY k.queue
+                                      ORDER BY k.priority DESC, k.run_at, k.id) AS queue_rank
+              FROM (SELECT c.*,
+                           row_number() OVER (PARTITION BY c.queue, c.concurrency_key
+                                              ORDER BY c.priority DESC, c.run_at, c.id)
+                               AS key_rank
+                      FROM limited_candidates c) k
+             WHERE k.concurrency_key IS NULL
+                OR k.key_rank <= k.max_per_key - k.key_running) p
+     WHERE p.queue_rank <= p.room
+     ORDER BY p.priority DESC, p.run_at, p.id
+     LIMIT (SELECT %(limit)s - count(*) FROM rescued) - (SELECT count(*) FROM fresh)
+), limited AS (
+    -- Under the queue's lock no other claim picks these; SKIP LOCKED only steps over a row that
+    -- a cancel or retry holds, and the state is checked again on the locked row.
+    SELECT t.id, t.queue
+      FROM pgidem.tasks t
+     WHERE t.id IN (SELECT id FROM limited_pick) AND t.state = 'queued'
+       FOR UPDATE SKIP LOCKED
+), starts AS (
+    -- The rate limit's ledger: this claim's starts per rate-limited queue at now() (which is
+    -- also the attempts' claimed_at); rows older than twice the period and a minute go.
+    INSERT INTO pgidem.queue_starts (queue, started_at, started)
+    SELECT l.queue, now(), count(*)
+      FROM limited l JOIN room r ON r.queue = l.queue
+     WHERE r.rate_limit IS NOT NULL
+     GROUP BY l.queue
+), starts_pruned AS (
+    DELETE FROM pgidem.queue_starts s
+     USING room r
+     WHERE s.queue = r.queue AND r.rate_limit IS NOT NULL
+       AND s.started_at < now() - 2 * r.rate_period - interval '1 minute'
 ), expired_attempts AS (
     UPDATE pgidem.attempts a
        SET status = 'lease_expired', finished_at = now(),
@@ -90,7 +168,8 @@ WITH rescued AS (
            last_error = CASE WHEN t.state = 'running'
                              THEN 'LeaseExpired: the lease expired on every one of its attempts'
                              ELSE 'AttemptsExhausted: no attempt left to run it' END
-      FROM (SELECT id FROM rescued UNION ALL SELECT id FROM fresh) r
+      FROM (SELECT id FROM rescued UNION ALL SELECT id FROM fresh
+            UNION ALL SELECT id FROM limited) r
      WHERE t.id = r.id AND t.attempts >= t.max_attempts
     RETURNING t.id, t.fencing_token, t.attempts, t.last_error
 ), exhausted_outcomes AS (
@@ -109,6 +188,8 @@ WITH rescued AS (
            lease_expires_at = now() + make_interval(secs => %(lease_s)s),
            started_at = now()
      WHERE t.id IN (SELECT id FROM fresh
+                    UNION ALL
+                    SELECT id FROM limited
                     UNION ALL
                     SELECT id FROM rescued)
        AND t.id NOT IN (SELECT id FROM exhausted)
@@ -532,3 +613,58 @@ SELECT (SELECT count(*) FROM pgidem.tasks t
        (SELECT count(*) FROM pgidem.once_keys k
          WHERE k.created_at < now() - coalesce(%(older_than)s::interval,
                                                pgidem.key_retention())) AS once_keys;
+
+-- ============================================================================================
+-- control: queue limits, concurrency keys, periodic tasks (docs/scheduling.md).
+
+-- name: claim_begin
+-- The claim of a limited queue is a transaction of its own: lock the limit rows, then claim.
+-- READ COMMITTED whatever the server's default, because the claim statement must take a fresh
+-- snapshot after the locks are granted (under REPEATABLE READ it would count running tasks as
+-- of the BEGIN, before the previous lock holder's claim).
+BEGIN ISOLATION LEVEL READ COMMITTED;
+
+-- name: queue_limits_lock
+-- Lock the limit rows of these queues for the rest of the claim transaction, in queue order (so
+-- that workers locking several never deadlock); returns the queues locked. Claims of the same
+-- limited queue take turns here, for the milliseconds of one claim; unlimited queues have no
+-- row and take no lock.
+SELECT queue
+  FROM pgidem.queue_limits
+ WHERE queue = ANY(%(queues)s::text[])
+ ORDER BY queue
+   FOR UPDATE;
+
+-- name: queue_limits_of
+-- Which of these queues have a limits row (the worker's cache of which claims need the lock;
+-- refreshed at each heartbeat).
+SELECT queue FROM pgidem.queue_limits WHERE queue = ANY(%(queues)s::text[]) ORDER BY queue;
+
+-- name: queue_limit_set
+SELECT pgidem.set_queue_limit(%(queue)s::text, %(max_running)s::integer,
+                              %(rate_limit)s::integer, %(rate_period)s::interval,
+                              %(max_per_key)s::integer);
+
+-- name: queue_limits_list
+-- Every queue with a limits row, with what it uses now: running tasks and the starts of the
+-- rate limit's current period (for `pgidem status` and `pgidem limits`).
+SELECT queue, max_running, rate_limit,
+       extract(epoch FROM rate_period)::float8 AS rate_period_s, max_per_key, running,
+       started_in_period
+  FROM pgidem.queue_stats
+ WHERE queue IN (SELECT l.queue FROM pgidem.queue_limits l)
+ ORDER BY queue;
+
+-- name: task_enqueue_keyed
+-- Enqueue with a concurrency key (pgidem.enqueue_keyed: pgidem.enqueue plus the key).
+SELECT pgidem.enqueue_keyed(%(task_name)s::text, %(args)s::jsonb, %(queue)s::text,
+                      %(idempotency_key)s::text, %(run_at)s::timestamptz, %(priority)s::integer,
+                      %(max_attempts)s::integer, %(concurrency_key)s::text) AS id;
+
+-- name: task_control
+-- What `pgidem show` adds about control: the task's concurrency key and its queue's limits.
+SELECT t.concurrency_key, l.max_running, l.rate_limit,
+       extract(epoch FROM l.rate_period)::float8 AS rate_period_s, l.max_per_key
+  FROM pgidem.tasks t
+  LEFT JOIN pgidem.queue_limits l ON l.queue = t.queue
+ WHERE t.id = %(task_id)s;
