@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -234,14 +235,24 @@ def dump_json(value: Any, what: str) -> str:
 def _check_text(value: str | None, field: str) -> None:
     if value is not None:
         if not isinstance(value, str):
-            raise InvalidInput(f"invalid {field}: expected a string, got {type(value).__name__}")
+            raise InvalidInput(
+                f"invalid {field}: expected a string, got {type(value).__name__}", field
+            )
         if "\x00" in value:
             raise InvalidInput(f"invalid {field}: it contains a NUL byte", field)
 
 
+#: The range of PostgreSQL's integer: what the SQL functions' parameters can receive at all.
+_INT4 = range(-(2**31), 2**31)
+
+
 def _check_int(value: Any, field: str) -> None:
+    # Only the type and what fits an SQL integer are checked here; the ranges that pgidem
+    # documents are checked once, in SQL (pgidem._check_task_input).
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
         raise InvalidInput(f"invalid {field}: expected an integer, got {value!r}", field)
+    if value is not None and value not in _INT4:
+        raise InvalidInput(f"invalid {field} {value}: out of range", field)
 
 
 def resolve_run_at(run_at: datetime | None, delay: float | timedelta | None) -> datetime | None:
@@ -271,6 +282,15 @@ def resolve_run_at(run_at: datetime | None, delay: float | timedelta | None) -> 
                 "invalid run_at: a naive datetime is ambiguous; give it a timezone", "run_at"
             )
     return run_at
+
+
+def _renumbered(exc: InvalidInput, offset: int) -> InvalidInput:
+    """The error of a batch with its ``row N`` (1-based, within the batch) made 1-based within
+    the whole ``enqueue_many`` call."""
+    if offset == 0:
+        return exc
+    message = re.sub(r"\brow (\d+):", lambda m: f"row {int(m[1]) + offset}:", str(exc))
+    return type(exc)(message, exc.field)
 
 
 class App:
@@ -391,12 +411,16 @@ class App:
         _check_int(max_attempts, "max_attempts")
         _check_int(priority, "priority")
         if not 1 <= max_attempts <= 1000:
-            raise InvalidInput(f"invalid max_attempts {max_attempts}: it must be 1 to 1000")
+            raise InvalidInput(
+                f"invalid max_attempts {max_attempts}: it must be 1 to 1000", "max_attempts"
+            )
         if timeout is not None and not (0 < timeout <= MAX_DELAY_S):
-            raise InvalidInput(f"invalid timeout {timeout!r}: it must be a positive number")
+            raise InvalidInput(
+                f"invalid timeout {timeout!r}: it must be a positive number", "timeout"
+            )
 
         def register(fn: Handler) -> Task:
-            task_name = name or fn.__name__
+            task_name = name if name is not None else fn.__name__
             _check_text(task_name, "task_name")
             if task_name in self.tasks:
                 raise InvalidInput(f"task {task_name!r} is already registered", "task_name")
@@ -466,7 +490,9 @@ class App:
         params: dict[str, Any] = {
             "task_name": name,
             "args_json": args_json,
-            "queue": queue or (registered.queue if registered else "default"),
+            "queue": queue
+            if queue is not None
+            else (registered.queue if registered else "default"),
             "idempotency_key": idempotency_key,
             "run_at": when,
             "priority": priority
@@ -529,7 +555,9 @@ class App:
         when = resolve_run_at(run_at, delay)
         common: dict[str, Any] = {
             "task_name": name,
-            "queue": queue or (registered.queue if registered else "default"),
+            "queue": queue
+            if queue is not None
+            else (registered.queue if registered else "default"),
             "run_at": when,
             "priority": priority
             if priority is not None
@@ -547,12 +575,15 @@ class App:
                     if idempotency_keys is None
                     else idempotency_keys[start : start + batch_size]
                 )
-                ids += _store.task_enqueue_many(
-                    c,
-                    args_json=payloads[start : start + batch_size],
-                    idempotency_keys=keys,
-                    **common,
-                )
+                try:
+                    ids += _store.task_enqueue_many(
+                        c,
+                        args_json=payloads[start : start + batch_size],
+                        idempotency_keys=keys,
+                        **common,
+                    )
+                except InvalidInput as exc:
+                    raise _renumbered(exc, start) from exc.__cause__
             return ids
 
         if not payloads:
@@ -568,6 +599,25 @@ class App:
     def handle(self, task_id: int) -> TaskHandle:
         """A handle on an existing task by id."""
         return TaskHandle(self, task_id)
+
+    def find(self, task: str | Task, idempotency_key: str) -> TaskHandle | None:
+        """The task enqueued with this idempotency key, if it exists (and was not pruned).
+
+        The lookup enqueue dedupes by (``pgidem.outcome_of(task_name, key)`` in SQL): its
+        handle's ``result()`` replays the stored outcome of a finished task without running
+        anything.
+
+        Returns:
+            A handle, or None when no task has that key.
+
+        Raises:
+            InvalidInput: a bad task name or key.
+        """
+        name, _ = self._defaults(task)
+        _check_text(idempotency_key, "idempotency_key")
+        with self.pool.connection() as conn:
+            row = _store.task_outcome_by_key(conn, task_name=name, idempotency_key=idempotency_key)
+        return None if row is None else TaskHandle(self, int(row["task_id"]))
 
     def get_task(self, task_id: int) -> TaskInfo:
         """Read a task and its outcome.

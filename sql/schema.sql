@@ -24,22 +24,28 @@ CREATE TYPE pgidem.task_outcome AS (
 	finished_at timestamp with time zone
 );
 
+CREATE FUNCTION pgidem._args_problem(args jsonb) RETURNS text
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT CASE
+               WHEN args IS NULL OR jsonb_typeof(args) <> 'object'
+                   THEN format('invalid args: they must be a JSON object, got %s',
+                               coalesce(jsonb_typeof(args), 'NULL'))
+               WHEN octet_length(args::text) > pgidem._max_args_bytes()
+                   THEN format('invalid args: %s bytes of JSON, over the limit of %s bytes '
+                               '(setting pgidem.max_args_bytes)',
+                               octet_length(args::text), pgidem._max_args_bytes())
+           END
+$$;
+
 CREATE FUNCTION pgidem._check_args(args jsonb) RETURNS void
     LANGUAGE plpgsql STABLE
     AS $$
 DECLARE
-    size integer;
+    problem text := pgidem._args_problem(args);
 BEGIN
-    IF args IS NULL OR jsonb_typeof(args) <> 'object' THEN
-        RAISE EXCEPTION 'invalid args: they must be a JSON object, got %',
-            coalesce(jsonb_typeof(args), 'NULL')
-            USING ERRCODE = 'PI002', COLUMN = 'args';
-    END IF;
-    size := octet_length(args::text);
-    IF size > pgidem._max_args_bytes() THEN
-        RAISE EXCEPTION 'invalid args: % bytes of JSON, over the limit of % bytes '
-            '(setting pgidem.max_args_bytes)', size, pgidem._max_args_bytes()
-            USING ERRCODE = 'PI002', COLUMN = 'args';
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION '%', problem USING ERRCODE = 'PI002', COLUMN = 'args';
     END IF;
 END
 $$;
@@ -58,9 +64,8 @@ BEGIN
             '"_", ".", ":" or "-", starting with a letter or "_"', quote_nullable(queue)
             USING ERRCODE = 'PI002', COLUMN = 'queue';
     END IF;
-    IF idempotency_key IS NOT NULL AND length(idempotency_key) NOT BETWEEN 1 AND 255 THEN
-        RAISE EXCEPTION 'invalid idempotency key: it must be 1 to 255 characters (got %)',
-            length(idempotency_key)
+    IF pgidem._key_problem(idempotency_key) IS NOT NULL THEN
+        RAISE EXCEPTION '%', pgidem._key_problem(idempotency_key)
             USING ERRCODE = 'PI002', COLUMN = 'idempotency_key';
     END IF;
     IF priority IS NULL OR priority NOT BETWEEN -32768 AND 32767 THEN
@@ -78,6 +83,15 @@ BEGIN
     END IF;
 END
 $_$;
+
+CREATE FUNCTION pgidem._key_problem(idempotency_key text) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    AS $$
+    SELECT CASE WHEN idempotency_key IS NOT NULL AND length(idempotency_key) NOT BETWEEN 1 AND 255
+                THEN format('invalid idempotency key: it must be 1 to 255 characters (got %s)',
+                            length(idempotency_key))
+           END
+$$;
 
 CREATE FUNCTION pgidem._max_args_bytes() RETURNS integer
     LANGUAGE sql STABLE
@@ -155,6 +169,49 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION pgidem.enqueue_keyed(task_name text, args jsonb DEFAULT '{}'::jsonb, queue text DEFAULT 'default'::text, idempotency_key text DEFAULT NULL::text, run_at timestamp with time zone DEFAULT NULL::timestamp with time zone, priority integer DEFAULT 0, max_attempts integer DEFAULT NULL::integer, concurrency_key text DEFAULT NULL::text) RETURNS bigint
+    LANGUAGE plpgsql
+    AS $$
+#variable_conflict use_column
+DECLARE
+    new_id   bigint;
+    existing text;
+BEGIN
+    IF enqueue_keyed.concurrency_key IS NOT NULL
+       AND length(enqueue_keyed.concurrency_key) NOT BETWEEN 1 AND 255 THEN
+        RAISE EXCEPTION 'invalid concurrency key: it must be 1 to 255 characters (got %)',
+            length(enqueue_keyed.concurrency_key)
+            USING ERRCODE = 'PI002', COLUMN = 'concurrency_key';
+    END IF;
+    IF enqueue_keyed.concurrency_key IS NOT NULL THEN
+        PERFORM pgidem._check_task_input(enqueue_keyed.task_name, enqueue_keyed.queue, NULL,
+                                         NULL, 0, NULL);
+        INSERT INTO pgidem.queue_limits (queue) VALUES (enqueue_keyed.queue)
+        ON CONFLICT DO NOTHING;
+    END IF;
+    -- Transaction-local; if the call below raises, the caller's savepoint rollback (or the end
+    -- of its failed transaction) undoes the setting too.
+    PERFORM set_config('pgidem._concurrency_key', coalesce(enqueue_keyed.concurrency_key, ''),
+                       true);
+    new_id := pgidem.enqueue(enqueue_keyed.task_name, enqueue_keyed.args, enqueue_keyed.queue,
+                             enqueue_keyed.idempotency_key, enqueue_keyed.run_at,
+                             enqueue_keyed.priority, enqueue_keyed.max_attempts);
+    PERFORM set_config('pgidem._concurrency_key', '', true);
+    SELECT t.concurrency_key INTO existing FROM pgidem.tasks t WHERE t.id = new_id;
+    IF existing IS DISTINCT FROM enqueue_keyed.concurrency_key THEN
+        RAISE EXCEPTION 'idempotency key % of task % was already used with another '
+            'concurrency key',
+            quote_literal(enqueue_keyed.idempotency_key), quote_literal(enqueue_keyed.task_name)
+            USING ERRCODE = 'PI001',
+                  DETAIL = format('existing task %s has concurrency key %s; this call passed %s',
+                                  new_id, coalesce(existing, 'NULL'),
+                                  coalesce(enqueue_keyed.concurrency_key, 'NULL')),
+                  HINT = 'a reused key must carry the same request; use a new key for a new request';
+    END IF;
+    RETURN new_id;
+END
+$$;
+
 CREATE FUNCTION pgidem.enqueue_many(task_name text, args jsonb[], queue text DEFAULT 'default'::text, idempotency_keys text[] DEFAULT NULL::text[], run_at timestamp with time zone DEFAULT NULL::timestamp with time zone, priority integer DEFAULT 0, max_attempts integer DEFAULT NULL::integer) RETURNS TABLE(ord bigint, id bigint)
     LANGUAGE plpgsql
     AS $$
@@ -177,17 +234,21 @@ BEGIN
             coalesce(array_length(enqueue_many.idempotency_keys, 1), 0), n
             USING ERRCODE = 'PI002', COLUMN = 'idempotency_key';
     END IF;
-    SELECT u.i, u.a, u.k INTO bad
+    -- The same per-row rules as pgidem.enqueue (the same functions), for the whole batch in one
+    -- scan; the first bad row is named in the message (1-based).
+    SELECT u.i, pgidem._args_problem(u.a) AS args_problem,
+           pgidem._key_problem(u.k) AS key_problem INTO bad
       FROM unnest(enqueue_many.args, enqueue_many.idempotency_keys) WITH ORDINALITY AS u(a, k, i)
-     WHERE u.a IS NULL OR jsonb_typeof(u.a) <> 'object'
-        OR octet_length(u.a::text) > pgidem._max_args_bytes()
-        OR (u.k IS NOT NULL AND length(u.k) NOT BETWEEN 1 AND 255)
+     WHERE pgidem._args_problem(u.a) IS NOT NULL OR pgidem._key_problem(u.k) IS NOT NULL
+     ORDER BY u.i
      LIMIT 1;
     IF FOUND THEN
-        -- Re-run the scalar checks on the offending row for their specific message.
-        PERFORM pgidem._check_args(bad.a);
-        PERFORM pgidem._check_task_input(enqueue_many.task_name, enqueue_many.queue, bad.k,
-                                         NULL, 0, NULL);
+        IF bad.args_problem IS NOT NULL THEN
+            RAISE EXCEPTION 'row %: %', bad.i, bad.args_problem
+                USING ERRCODE = 'PI002', COLUMN = 'args';
+        END IF;
+        RAISE EXCEPTION 'row %: %', bad.i, bad.key_problem
+            USING ERRCODE = 'PI002', COLUMN = 'idempotency_key';
     END IF;
 
     ids := array_fill(NULL::bigint, ARRAY[n]);
@@ -392,6 +453,52 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION pgidem.set_queue_limit(queue text, max_running integer DEFAULT NULL::integer, rate_limit integer DEFAULT NULL::integer, rate_period interval DEFAULT '00:00:01'::interval, max_per_key integer DEFAULT 1) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM pgidem._check_task_input('x', set_queue_limit.queue, NULL, NULL, 0, NULL);
+    IF set_queue_limit.max_running IS NOT NULL
+       AND set_queue_limit.max_running NOT BETWEEN 0 AND 1000000 THEN
+        RAISE EXCEPTION 'invalid max_running %: it must be between 0 and 1000000 (or NULL for '
+            'no limit)', set_queue_limit.max_running
+            USING ERRCODE = 'PI002', COLUMN = 'max_running';
+    END IF;
+    IF set_queue_limit.rate_limit IS NOT NULL
+       AND set_queue_limit.rate_limit NOT BETWEEN 1 AND 1000000 THEN
+        RAISE EXCEPTION 'invalid rate_limit %: it must be between 1 and 1000000 (or NULL for '
+            'no limit)', set_queue_limit.rate_limit
+            USING ERRCODE = 'PI002', COLUMN = 'rate_limit';
+    END IF;
+    IF set_queue_limit.rate_period IS NULL
+       OR set_queue_limit.rate_period NOT BETWEEN interval '1 millisecond' AND interval '1 day' THEN
+        RAISE EXCEPTION 'invalid rate_period %: it must be between 1 millisecond and 1 day',
+            coalesce(set_queue_limit.rate_period::text, 'NULL')
+            USING ERRCODE = 'PI002', COLUMN = 'rate_period';
+    END IF;
+    IF set_queue_limit.max_per_key IS NULL
+       OR set_queue_limit.max_per_key NOT BETWEEN 1 AND 1000000 THEN
+        RAISE EXCEPTION 'invalid max_per_key %: it must be between 1 and 1000000',
+            coalesce(set_queue_limit.max_per_key::text, 'NULL')
+            USING ERRCODE = 'PI002', COLUMN = 'max_per_key';
+    END IF;
+    INSERT INTO pgidem.queue_limits AS l (queue, max_running, rate_limit, rate_period,
+                                          max_per_key)
+    VALUES (set_queue_limit.queue, set_queue_limit.max_running, set_queue_limit.rate_limit,
+            set_queue_limit.rate_period, set_queue_limit.max_per_key)
+    ON CONFLICT (queue) DO UPDATE
+       SET max_running = EXCLUDED.max_running, rate_limit = EXCLUDED.rate_limit,
+           rate_period = EXCLUDED.rate_period, max_per_key = EXCLUDED.max_per_key,
+           updated_at = now();
+    IF set_queue_limit.rate_limit IS NULL THEN
+        DELETE FROM pgidem.queue_starts s WHERE s.queue = set_queue_limit.queue;
+    END IF;
+    -- Workers sleeping on a paused or full queue may now have room.
+    PERFORM pg_notify('pgidem', set_queue_limit.queue);
+END
+$$;
+
 CREATE TABLE pgidem.attempts (
     fencing_token bigint NOT NULL,
     task_id bigint NOT NULL,
@@ -447,6 +554,27 @@ CREATE TABLE pgidem.outcomes (
     CONSTRAINT outcomes_state_valid CHECK ((state = ANY (ARRAY['succeeded'::text, 'dead'::text])))
 );
 
+CREATE TABLE pgidem.queue_limits (
+    queue text NOT NULL,
+    max_running integer,
+    rate_limit integer,
+    rate_period interval DEFAULT '00:00:01'::interval NOT NULL,
+    max_per_key integer DEFAULT 1 NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT queue_limits_max_per_key_range CHECK (((max_per_key >= 1) AND (max_per_key <= 1000000))),
+    CONSTRAINT queue_limits_max_running_range CHECK (((max_running IS NULL) OR ((max_running >= 0) AND (max_running <= 1000000)))),
+    CONSTRAINT queue_limits_queue_valid CHECK ((queue ~ '^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$'::text)),
+    CONSTRAINT queue_limits_rate_limit_range CHECK (((rate_limit IS NULL) OR ((rate_limit >= 1) AND (rate_limit <= 1000000)))),
+    CONSTRAINT queue_limits_rate_period_range CHECK (((rate_period >= '00:00:00.001'::interval) AND (rate_period <= '1 day'::interval)))
+);
+
+CREATE TABLE pgidem.queue_starts (
+    queue text NOT NULL,
+    started_at timestamp with time zone NOT NULL,
+    started integer NOT NULL,
+    CONSTRAINT queue_starts_started_positive CHECK ((started >= 1))
+);
+
 CREATE TABLE pgidem.tasks (
     id bigint NOT NULL,
     task_name text NOT NULL,
@@ -465,9 +593,11 @@ CREATE TABLE pgidem.tasks (
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     started_at timestamp with time zone,
     finished_at timestamp with time zone,
+    concurrency_key text DEFAULT NULLIF(current_setting('pgidem._concurrency_key'::text, true), ''::text),
     CONSTRAINT tasks_args_is_object CHECK ((jsonb_typeof(args) = 'object'::text)),
     CONSTRAINT tasks_attempts_non_negative CHECK ((attempts >= 0)),
     CONSTRAINT tasks_attempts_within_max CHECK ((attempts <= max_attempts)),
+    CONSTRAINT tasks_concurrency_key_length CHECK (((concurrency_key IS NULL) OR ((length(concurrency_key) >= 1) AND (length(concurrency_key) <= 255)))),
     CONSTRAINT tasks_finished_has_time CHECK (((state <> ALL (ARRAY['succeeded'::text, 'dead'::text, 'cancelled'::text])) OR (finished_at IS NOT NULL))),
     CONSTRAINT tasks_idempotency_key_length CHECK (((idempotency_key IS NULL) OR ((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255)))),
     CONSTRAINT tasks_max_attempts_range CHECK (((max_attempts >= 1) AND (max_attempts <= 1000))),
@@ -479,16 +609,35 @@ CREATE TABLE pgidem.tasks (
 );
 
 CREATE VIEW pgidem.queue_stats AS
- SELECT t.queue,
-    count(*) FILTER (WHERE ((t.state = 'queued'::text) AND (t.run_at <= now()))) AS available,
-    count(*) FILTER (WHERE ((t.state = 'queued'::text) AND (t.run_at > now()))) AS scheduled,
-    count(*) FILTER (WHERE (t.state = 'running'::text)) AS running,
-    count(*) FILTER (WHERE (t.state = 'succeeded'::text)) AS succeeded,
-    count(*) FILTER (WHERE (t.state = 'dead'::text)) AS dead,
-    count(*) FILTER (WHERE (t.state = 'cancelled'::text)) AS cancelled,
-    (now() - min(t.run_at) FILTER (WHERE ((t.state = 'queued'::text) AND (t.run_at <= now())))) AS oldest_available_age
-   FROM pgidem.tasks t
-  GROUP BY t.queue;
+ SELECT COALESCE(s.queue, l.queue) AS queue,
+    COALESCE(s.available, (0)::bigint) AS available,
+    COALESCE(s.scheduled, (0)::bigint) AS scheduled,
+    COALESCE(s.running, (0)::bigint) AS running,
+    COALESCE(s.succeeded, (0)::bigint) AS succeeded,
+    COALESCE(s.dead, (0)::bigint) AS dead,
+    COALESCE(s.cancelled, (0)::bigint) AS cancelled,
+    s.oldest_available_age,
+    l.max_running,
+    l.rate_limit,
+    l.rate_period,
+    l.max_per_key,
+        CASE
+            WHEN (l.rate_limit IS NOT NULL) THEN ( SELECT COALESCE(sum(q.started), (0)::bigint) AS "coalesce"
+               FROM pgidem.queue_starts q
+              WHERE ((q.queue = l.queue) AND (q.started_at > (now() - l.rate_period))))
+            ELSE NULL::bigint
+        END AS started_in_period
+   FROM (( SELECT t.queue,
+            count(*) FILTER (WHERE ((t.state = 'queued'::text) AND (t.run_at <= now()))) AS available,
+            count(*) FILTER (WHERE ((t.state = 'queued'::text) AND (t.run_at > now()))) AS scheduled,
+            count(*) FILTER (WHERE (t.state = 'running'::text)) AS running,
+            count(*) FILTER (WHERE (t.state = 'succeeded'::text)) AS succeeded,
+            count(*) FILTER (WHERE (t.state = 'dead'::text)) AS dead,
+            count(*) FILTER (WHERE (t.state = 'cancelled'::text)) AS cancelled,
+            (now() - min(t.run_at) FILTER (WHERE ((t.state = 'queued'::text) AND (t.run_at <= now())))) AS oldest_available_age
+           FROM pgidem.tasks t
+          GROUP BY t.queue) s
+     FULL JOIN pgidem.queue_limits l ON ((l.queue = s.queue)));
 
 CREATE TABLE pgidem.step_calls (
     id bigint NOT NULL,
@@ -627,6 +776,9 @@ ALTER TABLE ONLY pgidem.once_keys
 ALTER TABLE ONLY pgidem.outcomes
     ADD CONSTRAINT outcomes_pkey PRIMARY KEY (task_id);
 
+ALTER TABLE ONLY pgidem.queue_limits
+    ADD CONSTRAINT queue_limits_pkey PRIMARY KEY (queue);
+
 ALTER TABLE ONLY pgidem.step_calls
     ADD CONSTRAINT step_calls_pkey PRIMARY KEY (id);
 
@@ -643,6 +795,8 @@ CREATE INDEX attempts_task ON pgidem.attempts USING btree (task_id, fencing_toke
 
 CREATE INDEX once_keys_created ON pgidem.once_keys USING btree (created_at);
 
+CREATE INDEX queue_starts_queue_time ON pgidem.queue_starts USING btree (queue, started_at);
+
 CREATE INDEX step_calls_task ON pgidem.step_calls USING btree (task_id, id);
 
 CREATE INDEX tasks_claimable ON pgidem.tasks USING btree (queue, priority DESC, run_at, id) WHERE (state = 'queued'::text);
@@ -652,6 +806,8 @@ CREATE INDEX tasks_finished ON pgidem.tasks USING btree (finished_at) WHERE (sta
 CREATE UNIQUE INDEX tasks_idempotency_key_unique ON pgidem.tasks USING btree (task_name, idempotency_key) WHERE (idempotency_key IS NOT NULL);
 
 CREATE INDEX tasks_lease_expiry ON pgidem.tasks USING btree (lease_expires_at) WHERE (state = 'running'::text);
+
+CREATE INDEX tasks_running_key ON pgidem.tasks USING btree (queue, concurrency_key) WHERE ((state = 'running'::text) AND (concurrency_key IS NOT NULL));
 
 ALTER TABLE ONLY pgidem.attempts
     ADD CONSTRAINT attempts_task_id_fkey FOREIGN KEY (task_id) REFERENCES pgidem.tasks(id) ON DELETE CASCADE;
@@ -668,4 +824,5 @@ ALTER TABLE ONLY pgidem.steps
 -- The migrations this schema is made of (so `pgidem migrate` finds nothing to do).
 INSERT INTO pgidem.migrations (version, name) VALUES
     (1, 'initial'),
-    (2, 'effects');
+    (2, 'effects'),
+    (3, 'control');

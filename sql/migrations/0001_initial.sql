@@ -156,6 +156,17 @@ CREATE TABLE pgidem.workers (
         CHECK (concurrency >= 1)
 );
 
+-- The rule for idempotency keys, as the message for a bad key (NULL for a good one or none).
+-- One definition for every path: pgidem.enqueue (through _check_task_input) and, per row,
+-- pgidem.enqueue_many. A SQL function, so the planner inlines it into enqueue_many's scan.
+CREATE FUNCTION pgidem._key_problem(idempotency_key text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN idempotency_key IS NOT NULL AND length(idempotency_key) NOT BETWEEN 1 AND 255
+                THEN format('invalid idempotency key: it must be 1 to 255 characters (got %s)',
+                            length(idempotency_key))
+           END
+$$;
+
 -- Validation shared by every enqueue path (SQL, Python, bulk): raises SQLSTATE PI002 with a
 -- message that names the field. The CHECK constraints above are the backstop; this gives the
 -- caller a specific message instead of a constraint name.
@@ -175,9 +186,8 @@ BEGIN
             '"_", ".", ":" or "-", starting with a letter or "_"', quote_nullable(queue)
             USING ERRCODE = 'PI002', COLUMN = 'queue';
     END IF;
-    IF idempotency_key IS NOT NULL AND length(idempotency_key) NOT BETWEEN 1 AND 255 THEN
-        RAISE EXCEPTION 'invalid idempotency key: it must be 1 to 255 characters (got %)',
-            length(idempotency_key)
+    IF pgidem._key_problem(idempotency_key) IS NOT NULL THEN
+        RAISE EXCEPTION '%', pgidem._key_problem(idempotency_key)
             USING ERRCODE = 'PI002', COLUMN = 'idempotency_key';
     END IF;
     IF priority IS NULL OR priority NOT BETWEEN -32768 AND 32767 THEN
@@ -202,21 +212,29 @@ LANGUAGE sql STABLE AS $$
     SELECT coalesce(nullif(current_setting('pgidem.max_args_bytes', true), '')::integer, 1048576)
 $$;
 
+-- The rule for args, as the message for bad args (NULL for good ones): a JSON object of at
+-- most pgidem.max_args_bytes bytes as PostgreSQL prints it (args::text). One definition for
+-- pgidem.enqueue (through _check_args) and, per row, pgidem.enqueue_many.
+CREATE FUNCTION pgidem._args_problem(args jsonb) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT CASE
+               WHEN args IS NULL OR jsonb_typeof(args) <> 'object'
+                   THEN format('invalid args: they must be a JSON object, got %s',
+                               coalesce(jsonb_typeof(args), 'NULL'))
+               WHEN octet_length(args::text) > pgidem._max_args_bytes()
+                   THEN format('invalid args: %s bytes of JSON, over the limit of %s bytes '
+                               '(setting pgidem.max_args_bytes)',
+                               octet_length(args::text), pgidem._max_args_bytes())
+           END
+$$;
+
 CREATE FUNCTION pgidem._check_args(args jsonb) RETURNS void
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    size integer;
+    problem text := pgidem._args_problem(args);
 BEGIN
-    IF args IS NULL OR jsonb_typeof(args) <> 'object' THEN
-        RAISE EXCEPTION 'invalid args: they must be a JSON object, got %',
-            coalesce(jsonb_typeof(args), 'NULL')
-            USING ERRCODE = 'PI002', COLUMN = 'args';
-    END IF;
-    size := octet_length(args::text);
-    IF size > pgidem._max_args_bytes() THEN
-        RAISE EXCEPTION 'invalid args: % bytes of JSON, over the limit of % bytes '
-            '(setting pgidem.max_args_bytes)', size, pgidem._max_args_bytes()
-            USING ERRCODE = 'PI002', COLUMN = 'args';
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION '%', problem USING ERRCODE = 'PI002', COLUMN = 'args';
     END IF;
 END
 $$;
@@ -310,17 +328,21 @@ BEGIN
             coalesce(array_length(enqueue_many.idempotency_keys, 1), 0), n
             USING ERRCODE = 'PI002', COLUMN = 'idempotency_key';
     END IF;
-    SELECT u.i, u.a, u.k INTO bad
+    -- The same per-row rules as pgidem.enqueue (the same functions), for the whole batch in one
+    -- scan; the first bad row is named in the message (1-based).
+    SELECT u.i, pgidem._args_problem(u.a) AS args_problem,
+           pgidem._key_problem(u.k) AS key_problem INTO bad
       FROM unnest(enqueue_many.args, enqueue_many.idempotency_keys) WITH ORDINALITY AS u(a, k, i)
-     WHERE u.a IS NULL OR jsonb_typeof(u.a) <> 'object'
-        OR octet_length(u.a::text) > pgidem._max_args_bytes()
-        OR (u.k IS NOT NULL AND length(u.k) NOT BETWEEN 1 AND 255)
+     WHERE pgidem._args_problem(u.a) IS NOT NULL OR pgidem._key_problem(u.k) IS NOT NULL
+     ORDER BY u.i
      LIMIT 1;
     IF FOUND THEN
-        -- Re-run the scalar checks on the offending row for their specific message.
-        PERFORM pgidem._check_args(bad.a);
-        PERFORM pgidem._check_task_input(enqueue_many.task_name, enqueue_many.queue, bad.k,
-                                         NULL, 0, NULL);
+        IF bad.args_problem IS NOT NULL THEN
+            RAISE EXCEPTION 'row %: %', bad.i, bad.args_problem
+                USING ERRCODE = 'PI002', COLUMN = 'args';
+        END IF;
+        RAISE EXCEPTION 'row %: %', bad.i, bad.key_problem
+            USING ERRCODE = 'PI002', COLUMN = 'idempotency_key';
     END IF;
 
     ids := array_fill(NULL::bigint, ARRAY[n]);
