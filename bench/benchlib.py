@@ -42,6 +42,18 @@ def dsn_for(admin_dsn: str, dbname: str) -> str:
     return make_conninfo(**params)
 
 
+def url_dsn(dsn: str) -> str:
+    """The DSN as a postgresql:// URL (what asyncpg accepts)."""
+    from urllib.parse import quote
+
+    p = conninfo_to_dict(dsn)
+    auth = quote(str(p.get("user", "postgres")))
+    if p.get("password"):
+        auth += ":" + quote(str(p["password"]))
+    host = p.get("host", "127.0.0.1")
+    return f"postgresql://{auth}@{host}:{p.get('port', 5432)}/{quote(str(p['dbname']))}"
+
+
 def admin_connect(admin_dsn: str) -> psycopg.Connection[Any]:
     return psycopg.connect(admin_dsn, autocommit=True)
 
