@@ -126,6 +126,26 @@ def migrate(dsn: str | None) -> None:
     type=float,
     help="Seconds to let running handlers finish on SIGTERM.",
 )
+@click.option(
+    "--prune-interval",
+    default="0",
+    show_default=True,
+    help="How often this worker prunes finished tasks older than the retention, in batches "
+    "(seconds, or 90s/15m/12h/7d); 0: never.",
+)
+@click.option(
+    "--prune-batch-size",
+    default=1000,
+    show_default=True,
+    type=int,
+    help="Tasks (and once keys) pruned per batch, one short transaction each.",
+)
+@click.option(
+    "--prune-older-than",
+    default=None,
+    help="The pruner's retention (seconds, or 90s/15m/12h/7d); default the database setting "
+    "pgidem.key_retention (7 days when unset).",
+)
 @dsn_option
 def worker(
     app_path: str,
@@ -135,9 +155,13 @@ def worker(
     poll_interval: float,
     batch_size: int,
     grace_period: float,
+    prune_interval: str,
+    prune_batch_size: int,
+    prune_older_than: str | None,
     dsn: str | None,
 ) -> None:
     """Run a worker for the tasks registered on an App."""
+    from pgidem._pruner import parse_duration
     from pgidem.worker import Worker, WorkerConfig
 
     with failures():
@@ -153,6 +177,9 @@ def worker(
             poll_interval=poll_interval,
             batch_size=batch_size,
             grace_period=grace_period,
+            prune_interval=parse_duration(prune_interval),
+            prune_batch_size=prune_batch_size,
+            prune_older_than=None if prune_older_than is None else parse_duration(prune_older_than),
         )
         code = Worker(app, config).run()
     sys.exit(code)
@@ -210,8 +237,7 @@ def enqueue(
 @dsn_option
 def status(dsn: str | None) -> None:
     """Counts per queue and state, the oldest waiting task, and live workers."""
-    with failures():
-        app = _app(dsn)
+    with failures(), _app(dsn) as app:
         with app.pool.connection() as conn:
             queues = _store.queue_status(conn)
             workers = _store.workers_live(conn)
@@ -257,15 +283,21 @@ def status(dsn: str | None) -> None:
 @dsn_option
 def show(task_id: int, as_json: bool, dsn: str | None) -> None:
     """A task, every attempt with its token, worker, times and end, and the outcome."""
-    with failures():
-        app = _app(dsn)
+    with failures(), _app(dsn) as app:
         with app.pool.connection() as conn:
             row = _store.task_get(conn, task_id)
             if row is None:
                 raise click.ClickException(f"no task with id {task_id}")
             attempts = _store.task_attempts(conn, task_id)
+            step_calls = _store.task_step_history(conn, task_id)
         if as_json:
-            click.echo(json.dumps({"task": row, "attempts": attempts}, default=str, indent=2))
+            click.echo(
+                json.dumps(
+                    {"task": row, "attempts": attempts, "step_calls": step_calls},
+                    default=str,
+                    indent=2,
+                )
+            )
             return
         for name in (
             "id",
@@ -314,6 +346,11 @@ def show(task_id: int, as_json: bool, dsn: str | None) -> None:
                 for a in attempts
             ],
         )
+        if step_calls:
+            click.echo("")
+            click.echo("steps:")
+            for c in step_calls:
+                click.echo(f"  {c['summary']} [key {c['step_key']}]")
 
 
 @main.command()
@@ -321,8 +358,8 @@ def show(task_id: int, as_json: bool, dsn: str | None) -> None:
 @dsn_option
 def retry(task_id: int, dsn: str | None) -> None:
     """Put a dead or cancelled task back in its queue."""
-    with failures():
-        previous = _app(dsn).retry(task_id)
+    with failures(), _app(dsn) as app:
+        previous = app.retry(task_id)
         click.echo(f"task {task_id}: {previous} -> queued")
 
 
@@ -331,32 +368,67 @@ def retry(task_id: int, dsn: str | None) -> None:
 @dsn_option
 def cancel(task_id: int, dsn: str | None) -> None:
     """Cancel a queued task, or flag a running one (its completion will be refused)."""
-    with failures():
-        previous = _app(dsn).cancel(task_id)
+    with failures(), _app(dsn) as app:
+        previous = app.cancel(task_id)
         click.echo(f"task {task_id}: {previous} -> cancelled")
 
 
 @main.command()
 @click.option(
     "--older-than",
-    type=float,
     default=None,
-    help="Seconds; default the setting pgidem.key_retention (7 days).",
+    help="The retention: seconds, or 90s/15m/12h/7d/2w; default the database setting "
+    "pgidem.key_retention (7 days when unset).",
 )
-@click.option("--batch-size", type=int, default=1000, show_default=True)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="Tasks (and once keys) per batch; each batch is one short transaction.",
+)
+@click.option(
+    "--max-batches", type=int, default=None, help="Stop after this many batches (default: all)."
+)
+@click.option(
+    "--pause",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Seconds to sleep between batches (lighter on a busy server).",
+)
+@click.option("--dry-run", is_flag=True, help="Only count what would be pruned.")
 @dsn_option
-def prune(older_than: float | None, batch_size: int, dsn: str | None) -> None:
-    """Delete finished tasks older than the retention, in batches (short transactions)."""
+def prune(
+    older_than: str | None,
+    batch_size: int,
+    max_batches: int | None,
+    pause: float,
+    dry_run: bool,
+    dsn: str | None,
+) -> None:
+    """Delete finished tasks (with their attempts, outcomes, steps and step calls) and once keys
+    older than the retention, in batches of short transactions that skip locked rows. A pruned
+    task's idempotency key can be used again."""
+    from pgidem._pruner import Pruner, PrunerConfig, parse_duration
+
     with failures():
         app = _app(dsn)
-        total = 0
-        with app.pool.connection() as conn:
-            while True:
-                deleted = _store.task_prune(conn, older_than_s=older_than, batch_size=batch_size)
-                total += deleted
-                if deleted < batch_size:
-                    break
-        click.echo(f"pruned {total} finished tasks")
+        seconds = None if older_than is None else parse_duration(older_than)
+        if dry_run:
+            with app.pool.connection() as conn:
+                tasks, keys = _store.prune_pending(conn, older_than_s=seconds)
+            click.echo(f"would prune {tasks} finished tasks and {keys} once keys")
+            return
+        config = PrunerConfig(
+            older_than=seconds, batch_size=batch_size, max_batches=max_batches, pause=pause
+        )
+        result = Pruner(app.pool.connection, config).run_once()
+        more = "" if result.complete else " (stopped at --max-batches; more are left)"
+        click.echo(
+            f"pruned {result.tasks} finished tasks and {result.once_keys} once keys in "
+            f"{result.batches} batches ({result.seconds:.1f} s){more}"
+        )
 
 
 @main.command("where")
@@ -374,3 +446,13 @@ def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         if n == 0:
             click.echo("  ".join("-" * w for w in widths))
+
+
+def _register_stability() -> None:
+    from pgidem._stability import demo_command, stability_command
+
+    main.add_command(stability_command)
+    main.add_command(demo_command)
+
+
+_register_stability()

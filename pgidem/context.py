@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 
-from pgidem.errors import InvalidState, LeaseLost
+from pgidem.errors import InvalidInput, InvalidState, LeaseLost
 
 # Statements that would end the task's transaction behind pgidem's back. SAVEPOINT and
 # ROLLBACK TO SAVEPOINT are fine: they stay inside it.
@@ -186,3 +187,106 @@ class Context:
             raise LeaseLost(
                 f"the lease of task {self.task_id} (token {self.fencing_token}) is lost"
             )
+
+    # -- effects outside the task's transaction (see pgidem/_steps.py and docs/effects.md) -----
+
+    def step_key(self, name: str) -> str:
+        """The idempotency key ``step(name, fn)`` passes to ``fn`` (without calling anything).
+
+        It is ``pgidem:<task name>:key:<idempotency key>:<step name>``, or
+        ``pgidem:<task name>:id:<task id>:<step name>`` for a task enqueued without a key, with
+        ``%`` and ``:`` inside each part written ``%25`` and ``%3A``; a key longer than 255
+        characters becomes ``pgidem:sha256:<hex digest of that string>``.
+
+        Raises:
+            InvalidInput: a bad step name.
+        """
+        from pgidem import _steps
+
+        _steps.check_step_name(name)
+        return _steps.step_key(self.task_name, self.idempotency_key, self.task_id, name)
+
+    def step(self, name: str, fn: Callable[[str], Any]) -> Any:
+        """Run an external call at most once per task as far as pgidem can know.
+
+        If an earlier attempt recorded this step, return its recorded result without calling
+        ``fn``. Otherwise call ``fn(key)`` with the step's idempotency key (``step_key(name)``:
+        the same on every attempt and worker; pass it on, as an ``Idempotency-Key`` header for
+        instance) and record its result in ``pgidem.steps`` in a short transaction of its own,
+        fenced by this claim's token. A worker that dies between the call and the record
+        leaves a ``calling`` marker (``pgidem show``, ``pgidem.step_history``), and the next
+        attempt calls again with the same key.
+
+        Args:
+            name: the step's name, unique within the task (1 to 200 characters).
+            fn: called with the key; must return something JSON can hold.
+
+        Returns:
+            ``fn``'s result after a JSON round trip (what a later replay returns too).
+
+        Raises:
+            StepFailed: ``fn`` raised (the original is ``__cause__``); the attempt fails and
+                the task retries by its policy. Retry, LeaseLost and InvalidInput from ``fn``
+                pass unchanged; NonRetryable raised by ``fn`` fails the task for good.
+            InvalidInput: a bad name, or a result that is not JSON (the task goes dead).
+            LeaseLost: this claim is stale: ``fn`` was not called, or its record was refused.
+        """
+        from pgidem import _steps
+
+        return _steps.run_step(self, name, fn)
+
+    def once(self, key: str) -> bool:
+        """Insert ``key`` into the dedupe ledger ``pgidem.once_keys``, inside the task's
+        transaction; True the first time any task does so (and it committed).
+
+        For effects shared between different tasks (two tasks that both credit order 42):
+        do the effect through ``ctx.conn`` only when this returns True. The key commits or
+        rolls back with the task; a task that holds it uncommitted makes another task's
+        ``once`` of the same key wait for its outcome. From SQL: ``pgidem.once(key)``.
+
+        Args:
+            key: 1 to 255 characters, shared by every task that must not repeat the effect.
+
+        Returns:
+            True if this task is the first; False if the key was committed before.
+
+        Raises:
+            InvalidInput: a bad key.
+        """
+        from pgidem import _store
+
+        _check_ledger_text(key, "once key")
+        return _store.once_claim(
+            self.conn.raw, key=key, task_id=self.task_id, token=self.fencing_token
+        )
+
+    def fence(self, resource: str) -> bool:
+        """Advance the fence of a downstream ``resource`` to this claim's fencing token, inside
+        the task's transaction (``pgidem.fence_advance``); say whether it was accepted.
+
+        False means a claim with a newer token has passed this fence: this attempt is stale
+        for that resource and must not touch it (raise LeaseLost, say). True holds the fence's
+        row until the task's transaction ends; the advance commits or rolls back with it.
+
+        Args:
+            resource: a name for the downstream resource (1 to 255 characters).
+
+        Returns:
+            True if this token is not older than the highest seen for the resource.
+
+        Raises:
+            InvalidInput: a bad resource name.
+        """
+        from pgidem import _store
+
+        _check_ledger_text(resource, "fence resource")
+        return _store.fence_advance(self.conn.raw, resource=resource, token=self.fencing_token)
+
+
+def _check_ledger_text(value: Any, what: str) -> None:
+    if not isinstance(value, str):
+        raise InvalidInput(f"invalid {what}: expected a string, got {value!r}")
+    if not 1 <= len(value) <= 255:
+        raise InvalidInput(f"invalid {what}: it must be 1 to 255 characters (got {len(value)})")
+    if "\x00" in value:
+        raise InvalidInput(f"invalid {what}: it contains a NUL byte")

@@ -94,6 +94,12 @@ class WorkerConfig:
     grace_period: float = 30.0
     reconnect_max: float = 5.0
     worker_id: str | None = None
+    #: Seconds between runs of this worker's pruner (see pgidem/_pruner.py); 0: no pruner.
+    prune_interval: float = 0.0
+    #: Tasks (and once keys) the pruner deletes per batch (one short transaction).
+    prune_batch_size: int = 1000
+    #: The pruner's retention in seconds; None: the setting pgidem.key_retention (7 days).
+    prune_older_than: float | None = None
 
     def validate(self) -> None:
         """Raise InvalidInput on a setting out of range."""
@@ -106,6 +112,15 @@ class WorkerConfig:
             (1 <= self.batch_size <= 1000, "batch_size must be 1 to 1000"),
             (0 <= self.commit_interval <= 60, "commit_interval must be 0 to 60 seconds"),
             (self.grace_period >= 0, "grace_period must not be negative"),
+            (
+                self.prune_interval == 0 or 0.1 <= self.prune_interval <= 7 * 86400,
+                "prune_interval must be 0 (off) or 0.1 s to 7 days",
+            ),
+            (1 <= self.prune_batch_size <= 100000, "prune_batch_size must be 1 to 100000"),
+            (
+                self.prune_older_than is None or self.prune_older_than >= 0,
+                "prune_older_than must not be negative",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -183,7 +198,10 @@ class Worker:
         self._pool = ConnectionPool(
             dsn,
             min_size=1,
-            max_size=self.config.concurrency + 2,
+            # Each slot holds one connection for its batch and may take a second, briefly,
+            # for a ctx.step record (which must not use the task's transaction); plus the
+            # pruner's, and one for releases and settling.
+            max_size=2 * self.config.concurrency + 2,
             kwargs={"autocommit": True},
             open=False,
             name=f"pgidem-worker-{self.worker_id}",
@@ -200,6 +218,8 @@ class Worker:
         self._register()
         self._start(self._listen, "pgidem-listener")
         self._start(self._heartbeat_loop, "pgidem-heartbeat")
+        if self.config.prune_interval > 0:
+            self._start(self._prune_loop, "pgidem-pruner")
         for _ in range(self.config.concurrency):
             self._start_slot()
         self._stopping.wait()
@@ -284,6 +304,23 @@ class Worker:
         # instead of waiting on the pool for a whole lease.
         with self._pool.connection(timeout=min(self.config.lease, 5.0)) as conn:
             yield conn
+
+    @contextlib.contextmanager
+    def side_connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled autocommit connection beside a task's own, for a short transaction that
+        must not be the task's (``ctx.step`` markers and records)."""
+        with self._connection() as conn:
+            yield conn
+
+    def _prune_loop(self) -> None:
+        from pgidem._pruner import Pruner, PrunerConfig
+
+        config = PrunerConfig(
+            interval=self.config.prune_interval,
+            older_than=self.config.prune_older_than,
+            batch_size=self.config.prune_batch_size,
+        )
+        Pruner(self._connection, config, log=self.log).run(self._stopping)
 
     def _backoff(self, attempt: int) -> float:
         return float(min(self.config.reconnect_max, 0.1 * 2**attempt))
@@ -603,17 +640,15 @@ class Worker:
                     # The handler's COMMIT committed what this task recorded before it.
                     self._finished(other, other_outcome, other_duration)
                 else:
-                    # Its completion was rolled back with the handler's ROLLBACK: run it again.
-                    _store.task_retry_later(
-                        fresh,
-                        task_id=other.task_id,
-                        token=other.token,
-                        delay_s=0,
-                        error=error_record(
-                            RuntimeError("rolled back by another handler in the same transaction")
-                        ),
+                    # Its completion was rolled back with the handler's ROLLBACK (or close):
+                    # nothing of it stuck, so it runs again by its policy (the claim counted).
+                    lost = RuntimeError(
+                        f"its completion was rolled back when the handler of task "
+                        f"{task.task_id} ended the transaction they shared"
                     )
-                    self._finished(other, "retried", other_duration)
+                    registered = self.app.tasks[other.task_name]
+                    retried = self._fail(fresh, other, registered, lost, self.log)
+                    self._finished(other, retried, other_duration)
             fenced = [other.token for other, outcome, _ in done if outcome == "fenced"]
             if fenced:
                 _store.attempt_finish_unfenced(fresh, tokens=fenced, status="fenced")

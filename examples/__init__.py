@@ -1,0 +1,1 @@
+"""Example applications built on pgidem (not part of the package)."""

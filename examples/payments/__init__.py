@@ -1,0 +1,1 @@
+"""The payments example: see README.md."""
