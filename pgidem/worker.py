@@ -23,6 +23,7 @@ match.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import signal
@@ -32,7 +33,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import FrameType
@@ -87,6 +88,11 @@ class WorkerConfig:
 
     queues: Sequence[str] = ("default",)
     concurrency: int = 4
+    #: Queues with slots of their own: queue -> slots (``--queue payments=4``). The queues in
+    #: ``queues`` that are not here share ``concurrency`` slots.
+    queue_concurrency: Mapping[str, int] = field(default_factory=dict)
+    #: Run the scheduler of the app's periodic tasks on a thread (see pgidem/_scheduler.py).
+    scheduler: bool = True
     lease: float = 30.0
     poll_interval: float = 1.0
     batch_size: int = 16
@@ -103,8 +109,14 @@ class WorkerConfig:
 
     def validate(self) -> None:
         """Raise InvalidInput on a setting out of range."""
-        if not self.queues:
+        if not self.queues and not self.queue_concurrency:
             raise InvalidInput("a worker needs at least one queue")
+        for queue, slots in self.queue_concurrency.items():
+            if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= 1000:
+                raise InvalidInput(
+                    f"invalid worker setting: the concurrency of queue {queue!r} must be 1 to "
+                    f"1000, got {slots!r}"
+                )
         checks = [
             (self.concurrency >= 1, f"concurrency must be at least 1, got {self.concurrency}"),
             (1.0 <= self.lease <= 86400, f"lease must be 1 to 86400 seconds, got {self.lease}"),
@@ -161,11 +173,24 @@ class Worker:
             raise InvalidInput("the app has no registered tasks: nothing for a worker to run")
         self.app = app
         self.config = cfg
-        self.queues = list(dict.fromkeys(cfg.queues))
+        self.queues = list(dict.fromkeys([*cfg.queues, *cfg.queue_concurrency]))
+        # Slot groups: the queues a slot claims from, and how many slots do. Queues given a
+        # concurrency of their own get their own slots; the rest share `concurrency` slots.
+        shared = [q for q in dict.fromkeys(cfg.queues) if q not in cfg.queue_concurrency]
+        self._groups: list[tuple[list[str], int]] = [(shared, cfg.concurrency)] if shared else []
+        self._groups += [([q], n) for q, n in cfg.queue_concurrency.items()]
+        #: Every slot of every group.
+        self.slots = sum(n for _, n in self._groups)
+        # Which of our queues have limits (their claims lock the limit rows first); refreshed
+        # at every heartbeat. A stale entry costs a lock that finds no row; a missing one makes
+        # the claim skip that queue until the next heartbeat (never exceed its limits).
+        self._limited: set[str] = set()
         self.worker_id = cfg.worker_id or (
             f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         )
         self.log = _log.get(worker_id=self.worker_id)
+        #: What its connections show in pg_stat_activity.application_name (at most 63 bytes).
+        self.application_name = f"pgidem:{self.worker_id}"[:63]
         self._stopping = threading.Event()
         self._stopped_claiming = threading.Event()
         self._wake = threading.Condition()
@@ -201,8 +226,8 @@ class Worker:
             # Each slot holds one connection for its batch and may take a second, briefly,
             # for a ctx.step record (which must not use the task's transaction); plus the
             # pruner's, and one for releases and settling.
-            max_size=2 * self.config.concurrency + 2,
-            kwargs={"autocommit": True},
+            max_size=2 * self.slots + 3,
+            kwargs={"autocommit": True, "application_name": self.application_name},
             open=False,
             name=f"pgidem-worker-{self.worker_id}",
         )
@@ -210,7 +235,8 @@ class Worker:
         self.log.info(
             "worker_started",
             queues=self.queues,
-            concurrency=self.config.concurrency,
+            concurrency=self.slots,
+            slot_groups={",".join(q): n for q, n in self._groups},
             lease_s=self.config.lease,
             tasks=sorted(self.app.tasks),
             database=self.app.resolved.describe(),
@@ -220,8 +246,11 @@ class Worker:
         self._start(self._heartbeat_loop, "pgidem-heartbeat")
         if self.config.prune_interval > 0:
             self._start(self._prune_loop, "pgidem-pruner")
-        for _ in range(self.config.concurrency):
-            self._start_slot()
+        if self.config.scheduler and self.app.periodic_tasks:
+            self._start(self._schedule_loop, "pgidem-scheduler")
+        for queues, slots in self._groups:
+            for _ in range(slots):
+                self._start_slot(queues)
         self._stopping.wait()
         self._shutdown()
         return 0
@@ -275,8 +304,19 @@ class Worker:
         self._threads.append(thread)
         return thread
 
-    def _start_slot(self) -> None:
-        self._start(self._slot_loop, f"pgidem-slot-{next(self._slot_ids)}")
+    def _start_slot(self, queues: list[str]) -> None:
+        thread = threading.Thread(
+            target=self._slot_loop, args=(queues,), name=f"pgidem-slot-{next(self._slot_ids)}"
+        )
+        thread.daemon = True
+        thread.pgidem_queues = queues  # type: ignore[attr-defined]
+        thread.start()
+        self._threads.append(thread)
+
+    def _schedule_loop(self) -> None:
+        from pgidem._scheduler import Scheduler
+
+        Scheduler(self.app, self._connection, log=self.log).run(self._stopping)
 
     def _shutdown(self) -> None:
         deadline = time.monotonic() + self.config.grace_period
@@ -343,17 +383,33 @@ class Worker:
         fit = int(max(self.config.commit_interval, 0.01) / slowest)
         return max(1, min(self.config.batch_size, fit))
 
-    def _claim(self, conn: psycopg.Connection[Any]) -> list[Claimed]:
+    def _claim(self, conn: psycopg.Connection[Any], queues: list[str]) -> list[Claimed]:
         # Taken before the claim is sent, so the lease surely ends after it on the server.
         lease_until = time.monotonic() + self.config.lease
-        rows = _store.task_claim(
+        claim = functools.partial(
+            _store.task_claim,
             conn,
             worker_id=self.worker_id,
-            queues=self.queues,
+            queues=queues,
             task_names=list(self.app.tasks),
             limit=self._claim_limit(),
             lease_s=self.config.lease,
         )
+        limited = [q for q in queues if q in self._limited]
+        if not limited:
+            rows = claim()
+        else:
+            # Limits are counted by the claim statement itself, under the limit rows' locks:
+            # one transaction, the lock first, so that the claim's snapshot is taken after the
+            # previous holder committed (docs/scheduling.md).
+            _store.claim_begin(conn)
+            try:
+                rows = claim(locked=_store.queue_limits_lock(conn, limited))
+                conn.commit()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    conn.rollback()
+                raise
         claimed = [
             Claimed(
                 task_id=r["id"],
@@ -383,11 +439,13 @@ class Worker:
             )
         return claimed
 
-    def _wait_for_work(self, seq: int, conn: psycopg.Connection[Any] | None) -> None:
+    def _wait_for_work(
+        self, seq: int, conn: psycopg.Connection[Any] | None, queues: list[str]
+    ) -> None:
         timeout = self.config.poll_interval
         if conn is not None:
             with contextlib.suppress(PgidemError):
-                nxt = _store.next_run_at(conn, self.queues)
+                nxt = _store.next_run_at(conn, queues)
                 if nxt is not None:
                     timeout = min(timeout, max(0.0, (nxt - datetime.now(UTC)).total_seconds()))
         with self._wake:
@@ -396,18 +454,18 @@ class Worker:
 
     # -- the slot ------------------------------------------------------------------------------
 
-    def _slot_loop(self) -> None:
+    def _slot_loop(self, queues: list[str]) -> None:
         failures = 0
         while not self._stopping.is_set():
             seq = self._wake_seq
             try:
                 with self._connection() as conn:
-                    batch = self._claim(conn)
+                    batch = self._claim(conn, queues)
                     if batch:
                         self._run_batch(conn, batch)
                     failures = 0
                     if not batch:
-                        self._wait_for_work(seq, conn)
+                        self._wait_for_work(seq, conn, queues)
                 if self._abandoned_in_this_thread():
                     return
             except (psycopg.Error, PgidemError, OSError) as exc:
@@ -696,6 +754,7 @@ class Worker:
             try:
                 with self._connection() as conn:
                     self._upsert_worker(conn)
+                    self._limited = _store.queue_limits_of(conn, self.queues)
                 return
             except (psycopg.Error, PgidemError, OSError) as exc:
                 attempt += 1
@@ -709,7 +768,7 @@ class Worker:
             hostname=socket.gethostname(),
             pid=os.getpid(),
             queues=self.queues,
-            concurrency=self.config.concurrency,
+            concurrency=self.slots,
         )
 
     def heartbeat_interval(self) -> float:
@@ -743,7 +802,12 @@ class Worker:
         # and a connection attempt must fail fast when the server is away.
         timeout = max(2, int(min(self.config.lease / 2, 10)))
         with _errors.mapped_errors():
-            return psycopg.connect(self.app.dsn, autocommit=True, connect_timeout=timeout)
+            return psycopg.connect(
+                self.app.dsn,
+                autocommit=True,
+                connect_timeout=timeout,
+                application_name=self.application_name,
+            )
 
     def _held_now(self, task: Claimed) -> bool:
         with self._held_lock:
@@ -777,6 +841,7 @@ class Worker:
                 elif not current and not task.lease.lost.is_set() and not cancelled:
                     self._mark_lost(task, "superseded")
         self._upsert_worker(conn)
+        self._limited = _store.queue_limits_of(conn, self.queues)
 
     def _expire_unextended(self) -> None:
         """Mark lost the leases the heartbeat could not extend before they ran out (the
@@ -856,10 +921,10 @@ class Worker:
         if task.thread is not None:
             task.thread.pgidem_abandoned = True  # type: ignore[attr-defined]
         self._stuck += 1
-        if self._stuck >= self.config.concurrency * 2:
+        if self._stuck >= self.slots * 2:
             self.log.error("worker_replacing_itself", stuck_threads=self._stuck)
             self._reexec()
-        self._start_slot()
+        self._start_slot(getattr(task.thread, "pgidem_queues", None) or self._groups[0][0])
 
     def _reexec(self) -> None:
         """Every slot is stuck in a handler that will not return: start afresh in place."""
@@ -873,7 +938,12 @@ class Worker:
         failures = 0
         while not self._stopping.is_set():
             try:
-                with psycopg.connect(self.app.dsn, autocommit=True, connect_timeout=5) as conn:
+                with psycopg.connect(
+                    self.app.dsn,
+                    autocommit=True,
+                    connect_timeout=5,
+                    application_name=self.application_name,
+                ) as conn:
                     conn.execute("LISTEN pgidem")
                     if failures:
                         self.log.info("listener_reconnected")

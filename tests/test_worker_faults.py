@@ -1,0 +1,241 @@
+"""The worker under failure, with real processes on real PostgreSQL: SIGKILL (rescue after the
+lease), SIGSTOP past the lease (fenced completion), terminated connections, server restarts and
+a server down at start, SIGTERM (graceful) and a second signal (immediate), poison tasks."""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgidem
+from tests.apps.worker_app import LEDGER_DDL
+from tests.helpers import execute, rows, scalar, wait_until
+from tests.test_worker import attempts, states, task_row, wait_all
+
+
+@pytest.fixture
+def ledger(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(LEDGER_DDL)
+
+
+def handlers_in_flight(dsn: str) -> int:
+    """Backends of this database sitting in a task transaction after a ledger write, that is,
+    handlers running right now."""
+    n: int = scalar(
+        dsn,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND state = 'idle in transaction' AND query LIKE 'INSERT INTO ledger%%'",
+    )
+    return n
+
+
+def assert_once_per_task(dsn: str) -> None:
+    """Every task succeeded, with exactly one ledger row, written by the winning claim."""
+    assert set(states(dsn)) == {"succeeded"}, states(dsn)
+    total = scalar(dsn, "SELECT count(*) FROM pgidem.tasks")
+    assert scalar(dsn, "SELECT count(*) FROM ledger") == total
+    assert (
+        scalar(
+            dsn,
+            "SELECT count(*) FROM ledger l JOIN pgidem.outcomes o"
+            " ON o.task_id = l.task_id AND o.fencing_token = l.token",
+        )
+        == total
+    )
+    assert scalar(dsn, "SELECT count(*) FROM pgidem.attempts WHERE status = 'succeeded'") == total
+
+
+def listening(dsn: str) -> bool:
+    return bool(
+        scalar(
+            dsn,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND query = 'LISTEN pgidem'",
+        )
+    )
+
+
+def test_sigkilled_worker_tasks_are_rescued_after_the_lease(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
+) -> None:
+    """A worker SIGKILLed while its handlers run: after the lease another worker rescues its
+    tasks (new tokens; the dead claims marked `lease_expired`) and completes them; the
+    ledger keeps one row per task (the dead worker's uncommitted writes are gone)."""
+    ids = app.enqueue_many("write", [{"n": i, "sleep": 0.5} for i in range(6)])
+    victim = spawn_worker(dsn, "--concurrency", "2", "--batch-size", "3", "--lease", "1.5")
+    wait_until(lambda: handlers_in_flight(dsn) == 2, 30, 0.02, "two handlers running")
+    held = {r[0] for r in rows(dsn, "SELECT id FROM pgidem.tasks WHERE state = 'running'")}
+    victim.kill()
+    rescuer = spawn_worker(dsn, "--concurrency", "3", "--lease", "1.5", "--poll-interval", "0.2")
+    wait_all(dsn, 6, timeout=60)
+
+    assert_once_per_task(dsn)
+    assert set(ids) >= held and len(held) >= 2
+    for task_id in held:
+        tries = attempts(dsn, task_id)
+        assert tries[0]["status"] == "lease_expired", tries
+        assert tries[0]["error_class"] == "LeaseExpired"
+        assert tries[-1]["status"] == "succeeded"
+        assert tries[-1]["fencing_token"] > tries[0]["fencing_token"]
+        assert task_row(dsn, task_id)["o_token"] == tries[-1]["fencing_token"]
+    assert rescuer.alive()
+
+
+def test_paused_worker_is_fenced_after_another_finished_its_task(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
+) -> None:
+    """A worker SIGSTOPped mid-handler past its lease; another worker re-claims the task and
+    finishes it; then SIGCONT: the paused worker's completion is refused, its ledger write
+    rolled back, its attempt recorded `fenced`; the outcome carries the winner's token."""
+    handle = app.enqueue("write", {"n": 1, "sleep": 1.0})
+    paused = spawn_worker(dsn, "--concurrency", "1", "--lease", "1")
+    wait_until(lambda: handlers_in_flight(dsn) == 1, 30, 0.02, "the handler running")
+    paused.signal(signal.SIGSTOP)
+    loser = task_row(dsn, handle.id)["fencing_token"]
+    winner = spawn_worker(dsn, "--concurrency", "1", "--lease", "1", "--poll-interval", "0.2")
+    handle.result(timeout=60)
+    won = task_row(dsn, handle.id)
+    assert won["o_token"] > loser
+    paused.signal(signal.SIGCONT)
+
+    def loser_status() -> str | None:
+        found = rows(dsn, "SELECT status FROM pgidem.attempts WHERE fencing_token = %s", (loser,))
+        return found[0][0] if found and found[0][0] == "fenced" else None
+
+    wait_until(loser_status, 30, 0.1, "the paused attempt to be recorded fenced")
+    paused.wait_for_event("task_fenced", 10)
+    after = task_row(dsn, handle.id)
+    assert (after["state"], after["o_token"], after["fencing_token"]) == (
+        "succeeded",
+        won["o_token"],
+        won["o_token"],
+    )
+    assert rows(dsn, "SELECT token FROM ledger") == [(won["o_token"],)]
+    assert [a["status"] for a in attempts(dsn, handle.id)] == ["fenced", "succeeded"]
+    assert paused.alive() and winner.alive()
+
+
+def test_terminated_connections_are_survived(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
+) -> None:
+    """pg_terminate_backend on every connection of the worker, twice, mid-run: every task still
+    completes exactly once, the worker process keeps running and listens again."""
+    app.enqueue_many("write", [{"n": i, "sleep": 0.05} for i in range(40)])
+    worker = spawn_worker(dsn, "--concurrency", "2", "--lease", "2", "--poll-interval", "0.5")
+    for _ in range(2):
+        wait_until(lambda: handlers_in_flight(dsn) >= 1, 30, 0.01, "a handler running")
+        execute(
+            dsn,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name LIKE 'pgidem:%%'",
+        )
+        time.sleep(0.3)
+    wait_all(dsn, 40, timeout=90)
+    assert_once_per_task(dsn)
+    assert worker.alive()
+    wait_until(lambda: listening(dsn), 15, 0.1, "the listener to LISTEN again")
+    # A task enqueued now is picked up (the worker is fully back).
+    app.enqueue("write", {"n": 100}).result(timeout=30)
+    assert worker.alive()
+
+
+@pytest.mark.slow
+def test_server_restarts_and_outage_at_start_are_survived(
+    own_server: Any, own_dsn: str, spawn_worker: Any
+) -> None:
+    """On a server of the test's own: a worker started while the server is down waits for it;
+    `pg_ctl restart -m fast` and `-m immediate` mid-run cut every connection; every task still
+    completes exactly once, the worker keeps running and re-listens."""
+    dsn = own_dsn
+    execute(dsn, LEDGER_DDL)
+    with pgidem.App(dsn) as app:
+        app.enqueue_many("write", [{"n": i, "sleep": 0.05} for i in range(10)])
+        own_server.stop()
+        worker = spawn_worker(dsn, "--concurrency", "2", "--lease", "2", "--poll-interval", "0.5")
+        worker.wait_for_event("database_unreachable", 30)
+        own_server.start()
+        wait_until(lambda: scalar(dsn, "SELECT count(*) FROM ledger") >= 3, 60, 0.05, "progress")
+        app.close()  # its pooled connections would die with the restart
+        app.enqueue_many("write", [{"n": i, "sleep": 0.05} for i in range(10, 40)])
+        for mode in ("fast", "immediate"):
+            wait_until(lambda: handlers_in_flight(dsn) >= 1, 60, 0.01, "a handler running")
+            own_server.restart(mode)
+            assert worker.alive()
+        wait_all(dsn, 40, timeout=120)
+        assert_once_per_task(dsn)
+        assert worker.alive()
+        wait_until(lambda: listening(dsn), 15, 0.1, "the listener to LISTEN again")
+        app.close()
+        app.enqueue("write", {"n": 100}).result(timeout=30)
+    events = {e["event"] for e in worker.events()}
+    assert {"database_unreachable", "listener_reconnecting", "slot_error"} <= events
+
+
+def test_sigterm_finishes_running_handlers_and_gives_back_the_rest(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
+) -> None:
+    """SIGTERM mid-run: handlers already running finish and their writes commit; tasks claimed
+    but not started go back to `queued` without an attempt counted (no attempt row); exit 0."""
+    ids = app.enqueue_many("write", [{"n": i, "sleep": 1.5} for i in range(10)])
+    worker = spawn_worker(dsn, "--concurrency", "2", "--batch-size", "3", "--grace-period", "20")
+    wait_until(lambda: handlers_in_flight(dsn) == 2, 30, 0.02, "two handlers running")
+    claimed = scalar(dsn, "SELECT count(*) FROM pgidem.tasks WHERE state = 'running'")
+    assert claimed == 6  # two batches of three
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+
+    assert states(dsn) == {"succeeded": 2, "queued": 8}
+    done = [r[0] for r in rows(dsn, "SELECT id FROM pgidem.tasks WHERE state = 'succeeded'")]
+    assert {r[0] for r in rows(dsn, "SELECT task_id FROM ledger")} == set(done)
+    for task_id in set(ids) - set(done):
+        row = task_row(dsn, task_id)
+        assert (row["attempts"], row["lease_owner"], row["lease_expires_at"]) == (0, None, None)
+        assert attempts(dsn, task_id) == []
+    events = [e["event"] for e in worker.events()]
+    assert "worker_stopping" in events and events[-1] == "worker_stopped"
+    assert scalar(dsn, "SELECT count(*) FROM pgidem.workers") == 0
+
+
+def test_second_signal_exits_at_once(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
+) -> None:
+    """A second SIGTERM (or SIGINT) while the worker waits for a long handler exits at once
+    with a non-zero code; the task's lease then expires like any crash."""
+    handle = app.enqueue("write", {"n": 1, "sleep": 30})
+    worker = spawn_worker(dsn, "--concurrency", "1", "--grace-period", "60")
+    wait_until(lambda: handlers_in_flight(dsn) == 1, 30, 0.02, "the handler running")
+    worker.signal(signal.SIGTERM)
+    worker.wait_for_event("worker_stopping", 10)
+    time.sleep(0.6)  # the same kill delivered twice at once counts once
+    started = time.monotonic()
+    worker.signal(signal.SIGINT)
+    assert worker.wait(10) != 0
+    assert time.monotonic() - started < 10
+    assert handle.state == "running"  # left for the rescue
+    assert scalar(dsn, "SELECT count(*) FROM ledger") == 0
+
+
+@pytest.mark.slow
+def test_poison_task_dies_through_rescue_instead_of_killing_workers_forever(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
+) -> None:
+    """A handler that kills its own worker every time (max_attempts 2): two workers die, the
+    third worker's claim finds no attempt left and moves the task to `dead` instead of running
+    it; that worker lives and goes on with other work."""
+    poison = app.enqueue("poison", {"how": "exit"}, max_attempts=2)
+    for _ in range(2):
+        w = spawn_worker(dsn, "--concurrency", "1", "--lease", "1", "--poll-interval", "0.2")
+        assert w.wait(60) != 0
+    survivor = spawn_worker(dsn, "--concurrency", "1", "--lease", "1", "--poll-interval", "0.2")
+    wait_until(lambda: poison.state == "dead", 60, 0.1, "the poison task to die")
+    row = task_row(dsn, poison.id)
+    assert row["attempts"] == 2 and row["o_state"] == "dead"
+    assert row["error"]["class"] == "LeaseExpired"
+    assert [a["status"] for a in attempts(dsn, poison.id)] == ["lease_expired", "lease_expired"]
+    app.enqueue("write", {"n": 1}).result(timeout=30)
+    assert survivor.alive()
+    assert scalar(dsn, "SELECT count(*) FROM ledger") == 1
