@@ -6,7 +6,7 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, TypeVar
@@ -62,6 +62,37 @@ def load_app(path: str) -> App:
     return app
 
 
+def parse_queue_options(values: Sequence[str]) -> tuple[list[str], dict[str, int]]:
+    """Split ``--queue`` values into plain queues and ``QUEUE=N`` queues with their slots.
+
+    Raises:
+        click.BadParameter: a malformed value, a bad N, or a queue given twice.
+    """
+    plain: list[str] = []
+    own: dict[str, int] = {}
+    for value in values:
+        name, sep, count = value.partition("=")
+        name = name.strip()
+        if not name:
+            raise click.BadParameter(f"{value!r} has no queue name", param_hint="--queue")
+        if name in plain or name in own:
+            raise click.BadParameter(f"queue {name!r} is given twice", param_hint="--queue")
+        if not sep:
+            plain.append(name)
+            continue
+        try:
+            slots = int(count)
+        except ValueError:
+            slots = 0
+        if not 1 <= slots <= 1000:
+            raise click.BadParameter(
+                f"{value!r}: the concurrency after '=' must be a whole number from 1 to 1000",
+                param_hint="--queue",
+            )
+        own[name] = slots
+    return plain, own
+
+
 def _app(dsn: str | None) -> App:
     return App(dsn)
 
@@ -93,7 +124,8 @@ def migrate(dsn: str | None) -> None:
     "--queue",
     "queues",
     multiple=True,
-    help="A queue to serve (repeat; default all queues of the app's tasks).",
+    help="A queue to serve, or QUEUE=N for N slots of its own (repeat; default all queues of "
+    "the app's tasks). Plain queues share --concurrency slots.",
 )
 @click.option(
     "--concurrency", default=4, show_default=True, type=int, help="Handlers run at once (threads)."
@@ -147,6 +179,12 @@ def migrate(dsn: str | None) -> None:
     "pgidem.key_retention (7 days when unset).",
 )
 @dsn_option
+@click.option(
+    "--scheduler/--no-scheduler",
+    default=True,
+    show_default=True,
+    help="Enqueue the app's periodic tasks from this worker (safe on every worker).",
+)
 def worker(
     app_path: str,
     queues: tuple[str, ...],
@@ -159,6 +197,7 @@ def worker(
     prune_batch_size: int,
     prune_older_than: str | None,
     dsn: str | None,
+    scheduler: bool = True,
 ) -> None:
     """Run a worker for the tasks registered on an App."""
     from pgidem._pruner import parse_duration
@@ -169,9 +208,13 @@ def worker(
         if dsn:
             app._dsn_arg = dsn
             app._resolved = None
-        serve = list(queues) or sorted({t.queue for t in app.tasks.values()})
+        plain, own = parse_queue_options(queues)
+        if not plain and not own:
+            plain = sorted({t.queue for t in app.tasks.values()})
         config = WorkerConfig(
-            queues=serve,
+            queues=plain,
+            queue_concurrency=own,
+            scheduler=scheduler,
             concurrency=concurrency,
             lease=lease,
             poll_interval=poll_interval,
@@ -194,6 +237,11 @@ def worker(
 @click.option("--max-attempts", default=None, type=int)
 @click.option("--delay", default=None, type=float, help="Seconds from now before it may run.")
 @click.option("--run-at", default=None, help="When it may run, ISO 8601 with a timezone.")
+@click.option(
+    "--concurrency-key",
+    default=None,
+    help="At most max_per_key (default 1) tasks of the queue with this key run at once.",
+)
 @dsn_option
 def enqueue(
     task_name: str,
@@ -205,6 +253,7 @@ def enqueue(
     delay: float | None,
     run_at: str | None,
     dsn: str | None,
+    concurrency_key: str | None = None,
 ) -> None:
     """Enqueue a task; print its id."""
     try:
@@ -229,6 +278,7 @@ def enqueue(
             max_attempts=max_attempts,
             delay=delay,
             run_at=when,
+            concurrency_key=concurrency_key,
         )
         click.echo(handle.id)
 
@@ -241,6 +291,7 @@ def status(dsn: str | None) -> None:
         with app.pool.connection() as conn:
             queues = _store.queue_status(conn)
             workers = _store.workers_live(conn)
+            limits = _store.queue_limits_list(conn)
         click.echo(f"database: {app.resolved.describe()}")
         header = (
             "queue",
@@ -266,6 +317,10 @@ def status(dsn: str | None) -> None:
             for q in queues
         ]
         _table(header, rows)
+        if limits:
+            click.echo("")
+            click.echo("limits:")
+            _limits_table(limits)
         click.echo("")
         click.echo(f"workers: {len(workers)}")
         _table(
@@ -290,6 +345,8 @@ def show(task_id: int, as_json: bool, dsn: str | None) -> None:
                 raise click.ClickException(f"no task with id {task_id}")
             attempts = _store.task_attempts(conn, task_id)
             step_calls = _store.task_step_history(conn, task_id)
+            control = _store.task_control(conn, task_id) or {}
+        row = {**row, **control}
         if as_json:
             click.echo(
                 json.dumps(
@@ -316,8 +373,11 @@ def show(task_id: int, as_json: bool, dsn: str | None) -> None:
             "started_at",
             "finished_at",
             "last_error",
+            "concurrency_key",
         ):
-            click.echo(f"{name:>16}: {row[name]}")
+            click.echo(f"{name:>16}: {row.get(name)}")
+        if control.get("max_running") is not None or control.get("rate_limit") is not None:
+            click.echo(f"{'queue limits':>16}: {_limits_text(control)}")
         click.echo(f"{'args':>16}: {json.dumps(row['args'])}")
         stored = (
             row["outcome_result"] if row["outcome_state"] == "succeeded" else row["outcome_error"]
@@ -456,3 +516,117 @@ def _register_stability() -> None:
 
 
 _register_stability()
+
+
+def _limits_text(limits: dict[str, Any]) -> str:
+    """A queue's limits in one line: ``max_running 4, rate 10/1s, max_per_key 1``."""
+    parts = []
+    if limits.get("max_running") is not None:
+        parts.append(f"max_running {limits['max_running']}")
+    if limits.get("rate_limit") is not None:
+        parts.append(f"rate {limits['rate_limit']}/{limits['rate_period_s']:g}s")
+    parts.append(f"max_per_key {limits.get('max_per_key', 1)}")
+    return ", ".join(parts)
+
+
+def _limits_table(limits: list[dict[str, Any]]) -> None:
+    def or_dash(value: Any) -> str:
+        return "-" if value is None else str(value)
+
+    _table(
+        ("queue", "max_running", "running", "rate", "started_in_period", "max_per_key"),
+        [
+            (
+                q["queue"],
+                or_dash(q["max_running"]),
+                q["running"],
+                "-" if q["rate_limit"] is None else f"{q['rate_limit']}/{q['rate_period_s']:g}s",
+                or_dash(q["started_in_period"]),
+                q["max_per_key"],
+            )
+            for q in limits
+        ],
+    )
+
+
+def _rate_option(value: str) -> tuple[int, float]:
+    """``R`` or ``R/PERIOD`` (``10/1s``, ``100/1m``) as (rate, period in seconds)."""
+    from pgidem._pruner import parse_duration
+
+    rate_text, _, period_text = value.partition("/")
+    try:
+        rate = int(rate_text)
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"{value!r}: give starts per period as R or R/PERIOD (10/1s, 600/1m)",
+            param_hint="--rate",
+        ) from exc
+    with failures():
+        period = parse_duration(period_text) if period_text else 1.0
+    return rate, period
+
+
+@main.command()
+@click.argument("queue", required=False)
+@click.option(
+    "--max-running",
+    default=None,
+    help="At most N running tasks of the queue across all workers ('none': no limit; 0 pauses).",
+)
+@click.option(
+    "--rate", default=None, help="At most R starts per period: R/PERIOD, e.g. 10/1s ('none': off)."
+)
+@click.option("--max-per-key", default=None, type=int, help="Running tasks per concurrency key.")
+@click.option("--clear", is_flag=True, help="Remove the queue's max-running and rate limits.")
+@dsn_option
+def limit(
+    queue: str | None,
+    max_running: str | None,
+    rate: str | None,
+    max_per_key: int | None,
+    clear: bool,
+    dsn: str | None,
+) -> None:
+    """Show or set global limits of a queue (all queues' limits without arguments).
+
+    Options not given keep their current value.
+    """
+    with failures(), _app(dsn) as app:
+        current = {q["queue"]: q for q in app.queue_limits()}
+        changing = clear or max_running is not None or rate is not None or max_per_key is not None
+        if queue is None or not changing:
+            shown = [q for q in current.values() if queue is None or q["queue"] == queue]
+            if not shown:
+                click.echo("no limits" + (f" on queue {queue}" if queue else ""))
+            else:
+                _limits_table(shown)
+            return
+        old = current.get(queue, {})
+        new_max = old.get("max_running")
+        new_rate, new_period = old.get("rate_limit"), old.get("rate_period_s") or 1.0
+        if clear:
+            new_max = new_rate = None
+        if max_running is not None:
+            if max_running.lower() == "none":
+                new_max = None
+            else:
+                try:
+                    new_max = int(max_running)
+                except ValueError as exc:
+                    raise click.BadParameter(
+                        f"{max_running!r} is not a number (or 'none')", param_hint="--max-running"
+                    ) from exc
+        if rate is not None:
+            if rate.lower() == "none":
+                new_rate = None
+            else:
+                new_rate, new_period = _rate_option(rate)
+        app.set_queue_limit(
+            queue,
+            max_running=new_max,
+            rate_limit=new_rate,
+            rate_period=new_period,
+            max_per_key=max_per_key if max_per_key is not None else old.get("max_per_key", 1),
+        )
+        shown = [q for q in app.queue_limits() if q["queue"] == queue]
+        _limits_table(shown)

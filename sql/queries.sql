@@ -427,12 +427,16 @@ SELECT fencing_token, task_id, status FROM pgidem.attempts
  WHERE fencing_token = ANY(%(tokens)s::bigint[])
 
 -- name: stability_terminate_backends
--- The pg_terminate_backend fault: end every connection of one worker process (its connections
--- carry its application_name), in the scratch database only.
+-- The pg_terminate_backend fault: end every connection of one worker process, in the scratch
+-- database only. A worker names its connections `pgidem:<worker id>` (application_name, 63
+-- bytes at most); the registry gives the ids of that pid. The name the run put in the worker's
+-- DSN is matched too, for connections that keep it.
 SELECT count(*) FILTER (WHERE pg_terminate_backend(a.pid)) AS terminated
   FROM pg_stat_activity a
- WHERE a.datname = current_database() AND a.application_name = %(application_name)s
-   AND a.pid <> pg_backend_pid()
+ WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+   AND (a.application_name = %(application_name)s
+        OR a.application_name IN (SELECT left('pgidem:' || w.id, 63)
+                                    FROM pgidem.workers w WHERE w.pid = %(pid)s))
 
 -- name: stability_task_report
 -- The checker's view of every task of the run: its state and outcome, how many outcomes,
