@@ -21,9 +21,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def dsn_option(fn: F) -> F:
+    # No envvar= here: PGIDEM_DSN is read by pgidem._dsn.resolve, so that the log line and
+    # `pgidem where` can say whether the DSN came from --dsn or from the environment.
     return click.option(
         "--dsn",
-        envvar="PGIDEM_DSN",
         default=None,
         help="PostgreSQL connection string (default: $PGIDEM_DSN, else the embedded server, "
         "else libpq's environment).",

@@ -74,7 +74,7 @@ def test_show_prints_the_task_its_attempts_and_outcome(dsn: str, history: Any) -
     )[0]
     result = cli(dsn, "show", str(history["dead"]))
     assert result.exit_code == 0, result.output
-    out = result.output
+    out = result.stdout
     assert "state: dead" in out
     assert f"outcome: dead (token {token})" in out
     assert "ValueError" in out
@@ -83,7 +83,7 @@ def test_show_prints_the_task_its_attempts_and_outcome(dsn: str, history: Any) -
 
     result = cli(dsn, "show", str(history["ok"]), "--json")
     assert result.exit_code == 0, result.output
-    shown = json.loads(result.output)
+    shown = json.loads(result.stdout)
     assert shown["task"]["state"] == "succeeded"
     assert shown["task"]["outcome_result"]["n"] == 1
     assert [a["status"] for a in shown["attempts"]] == ["succeeded"]
@@ -94,7 +94,7 @@ def test_retry_and_cancel_change_state_or_refuse_clearly(dsn: str, history: Any)
     cancels a queued task; on a bad id or a task in the wrong state each exits 1 with a message
     that says what was wrong, changing nothing."""
     result = cli(dsn, "cancel", str(history["waiting"]))
-    assert (result.exit_code, result.output.strip()) == (
+    assert (result.exit_code, result.stdout.strip()) == (
         0,
         f"task {history['waiting']}: queued -> cancelled",
     )
@@ -106,7 +106,7 @@ def test_retry_and_cancel_change_state_or_refuse_clearly(dsn: str, history: Any)
     assert result.exit_code == 1
     assert f"task {history['ok']} is succeeded, only a dead or cancelled" in result.output
     result = cli(dsn, "retry", str(history["dead"]))
-    assert (result.exit_code, result.output.strip()) == (
+    assert (result.exit_code, result.stdout.strip()) == (
         0,
         f"task {history['dead']}: dead -> queued",
     )
