@@ -683,15 +683,15 @@ CREATE VIEW pgidem.step_history AS
     c.finished_at,
     c.error_class,
     c.error_message,
-    format('step %s %s on attempt %s (token %s)'::text, quote_ident(c.name),
+    format('step %s on attempt %s (token %s): %s'::text, quote_ident(c.name), c.attempt, c.fencing_token,
         CASE
-            WHEN ((c.status = 'calling'::text) AND (COALESCE(a.status, 'gone'::text) <> 'running'::text)) THEN format('called, not recorded: the attempt ended %s before the result was recorded'::text, COALESCE(a.status, 'unknown'::text))
+            WHEN ((c.status = 'calling'::text) AND (COALESCE(a.status, 'gone'::text) <> 'running'::text)) THEN format('called, not recorded (the attempt ended %s before the result was recorded; the next attempt calls again with the same key)'::text, COALESCE(a.status, 'unknown'::text))
             WHEN (c.status = 'calling'::text) THEN 'being called'::text
             WHEN (c.status = 'recorded'::text) THEN 'called and recorded'::text
             WHEN (c.status = 'replayed'::text) THEN 'replayed from its record, not called'::text
             WHEN (c.status = 'failed'::text) THEN format('failed: %s: %s'::text, c.error_class, c.error_message)
             ELSE 'called, but its record was refused (the token was no longer current)'::text
-        END, c.attempt, c.fencing_token) AS summary
+        END) AS summary
    FROM (pgidem.step_calls c
      LEFT JOIN pgidem.attempts a ON ((a.fencing_token = c.fencing_token)));
 

@@ -51,18 +51,20 @@ SELECT c.id AS call_id, c.task_id, c.attempt, c.fencing_token, a.worker_id, c.na
        CASE WHEN c.status = 'calling' AND coalesce(a.status, 'gone') <> 'running'
             THEN 'not_recorded' ELSE c.status END AS effective_status,
        a.status AS attempt_status, c.called_at, c.finished_at, c.error_class, c.error_message,
-       format('step %s %s on attempt %s (token %s)', quote_ident(c.name),
+       format('step %s on attempt %s (token %s): %s', quote_ident(c.name), c.attempt,
+              c.fencing_token,
               CASE
                   WHEN c.status = 'calling' AND coalesce(a.status, 'gone') <> 'running'
-                      THEN format('called, not recorded: the attempt ended %s before the '
-                                  'result was recorded', coalesce(a.status, 'unknown'))
+                      THEN format('called, not recorded (the attempt ended %s before the '
+                                  'result was recorded; the next attempt calls again with the '
+                                  'same key)', coalesce(a.status, 'unknown'))
                   WHEN c.status = 'calling' THEN 'being called'
                   WHEN c.status = 'recorded' THEN 'called and recorded'
                   WHEN c.status = 'replayed' THEN 'replayed from its record, not called'
                   WHEN c.status = 'failed'
                       THEN format('failed: %s: %s', c.error_class, c.error_message)
                   ELSE 'called, but its record was refused (the token was no longer current)'
-              END, c.attempt, c.fencing_token) AS summary
+              END) AS summary
   FROM pgidem.step_calls c
   LEFT JOIN pgidem.attempts a ON a.fencing_token = c.fencing_token;
 
