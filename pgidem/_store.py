@@ -7,7 +7,7 @@ psycopg's errors to pgidem's. Row results come back as dicts.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -445,7 +445,7 @@ def queue_limit_set(
             "queue": queue,
             "max_running": max_running,
             "rate_limit": rate_limit,
-            "rate_period": f"{rate_period_s} seconds",
+            "rate_period": timedelta(seconds=rate_period_s),
             "max_per_key": max_per_key,
         },
     )

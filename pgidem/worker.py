@@ -463,6 +463,10 @@ class Worker:
                     batch = self._claim(conn, queues)
                     if batch:
                         self._run_batch(conn, batch)
+                        if any(t.queue in self._limited for t in batch):
+                            # Room was freed in a limited queue: slots that found it full
+                            # should look again now rather than at their next poll.
+                            self._notify()
                     failures = 0
                     if not batch:
                         self._wait_for_work(seq, conn, queues)
@@ -506,6 +510,7 @@ class Worker:
         done: list[tuple[Claimed, str, float]] = []
         fenced: list[Claimed] = []
         current: Claimed | None = None
+        committing = False
         opened = time.monotonic()
         conn.execute("BEGIN")
         try:
@@ -519,6 +524,13 @@ class Worker:
                     # handler that gets stuck holds nothing but its own work.
                     break
                 current = pending.pop(0)
+                if current.lease.lost.is_set() or current.lease.cancelled.is_set():
+                    # Its lease went while it waited its turn in the batch: another worker may
+                    # be running it (or it was cancelled). Running it here could only repeat
+                    # its effects; its completion would be refused anyway.
+                    self._finished(current, "skipped", 0.0)
+                    current = None
+                    continue
                 outcome, duration = self._run_one(conn, current)
                 if outcome == "ended_transaction":
                     # The handler ended the transaction: what came before it in this
@@ -535,16 +547,23 @@ class Worker:
                     fenced.append(done[-1][0])
                 if outcome == "abandoned":
                     break
+            committing = True
             conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(Exception):
                 conn.execute("ROLLBACK")
             # Nothing of this transaction is known to have committed: stop heartbeating these
-            # tasks so their leases expire and the claim path rescues them with new tokens.
-            for task, _, _ in done:
-                self._forget(task)
+            # tasks so their leases expire and the claim path rescues them with new tokens. If
+            # COMMIT itself failed (the connection dropped), it may have committed or not: the
+            # next claim tells, as the task is then either finished or rescued; it is never
+            # committed twice, as nothing here runs it again.
+            error = f"{type(exc).__name__}: {exc}"
+            for task, outcome, duration in done:
+                if outcome != "abandoned":  # the heartbeat already recorded and logged it
+                    verdict = "unknown" if committing else "rolled_back"
+                    self._finished(task, verdict, duration, error)
             if current is not None:
-                self._forget(current)
+                self._finished(current, "rolled_back", time.monotonic() - opened, error)
             raise
         for task, outcome, duration in done:
             if outcome != "abandoned":  # the heartbeat already recorded and logged it
@@ -711,12 +730,16 @@ class Worker:
             if fenced:
                 _store.attempt_finish_unfenced(fresh, tokens=fenced, status="fenced")
 
-    def _finished(self, task: Claimed, outcome: str, duration: float) -> None:
+    def _finished(
+        self, task: Claimed, outcome: str, duration: float, error: str | None = None
+    ) -> None:
+        """Forget the claim and log the attempt's one line (``task_<outcome>``)."""
         self._forget(task)
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
         level = "info" if outcome in ("succeeded", "retried") else "warning"
+        extra = {} if error is None else {"error": error}
         getattr(self.log, level)(
-            f"task_{outcome}",
+            "task_outcome_unknown" if outcome == "unknown" else f"task_{outcome}",
             task_id=task.task_id,
             task_name=task.task_name,
             queue=task.queue,
@@ -724,6 +747,7 @@ class Worker:
             fencing_token=task.token,
             outcome=outcome,
             duration_ms=round(duration * 1000, 2),
+            **extra,
         )
 
     def _forget(self, task: Claimed) -> None:

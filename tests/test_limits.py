@@ -1,0 +1,295 @@
+"""Global limits, enforced by the claim query under the queue's limit-row lock, with real
+`pgidem worker` processes: most running tasks per queue (also after a worker holding slots is
+SIGKILLed), most running tasks per concurrency key, most starts per period; and the input they
+refuse."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+
+import pgidem
+from pgidem.cli import main
+from tests.apps.control_app import LEDGER_DDL
+from tests.helpers import rows, scalar, wait_until
+
+APP = "tests.apps.control_app:app"
+
+
+@pytest.fixture
+def ledger(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(LEDGER_DDL)
+
+
+class Sampler:
+    """Samples, from its own connection every few milliseconds, the running tasks of a queue
+    (in all and per concurrency key) in pgidem.tasks: what a limit must bound."""
+
+    def __init__(self, dsn: str, queue: str) -> None:
+        self.dsn = dsn
+        self.queue = queue
+        self.max_running = 0
+        self.max_per_key = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as c:
+            while not self._stop.is_set():
+                # One statement, so both counts come from one snapshot.
+                row = c.execute(
+                    "SELECT (SELECT count(*) FROM pgidem.tasks"
+                    "         WHERE state = 'running' AND queue = %(q)s),"
+                    "       (SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n"
+                    "          FROM pgidem.tasks WHERE state = 'running' AND queue = %(q)s"
+                    "           AND concurrency_key IS NOT NULL GROUP BY concurrency_key) k)",
+                    {"q": self.queue},
+                ).fetchone()
+                assert row is not None
+                self.max_running = max(self.max_running, int(row[0]))
+                self.max_per_key = max(self.max_per_key, int(row[1]))
+                self.samples += 1
+                self._stop.wait(0.005)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+@pytest.fixture
+def sampler(dsn: str) -> Iterator[Any]:
+    made: list[Sampler] = []
+
+    def make(queue: str) -> Sampler:
+        s = Sampler(dsn, queue)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s._stop.set()
+
+
+def test_global_limit_is_never_exceeded_and_recovers_after_sigkill(
+    dsn: str, app: pgidem.App, ledger: None, spawn_worker: Any, sampler: Any
+) -> None:
+    """max_running=3 on a queue served by three workers of 4 slots each: sampled from
+    pgidem.tasks every few ms, never more than 3 of its tasks are running, and 3 are reached.
+    A worker holding slots is SIGKILLed: its tasks count until their leases expire, then the
+    claim rescues them in place; the queue drains and every task succeeds exactly once. The
+    limit is set while the workers already run (their cache of limited queues is stale at
+    first: the claim must skip the queue rather than claim it unlocked)."""
+    workers = [
+        spawn_worker(dsn, "--queue", "limited", "--concurrency", "4", "--lease", "2", app=APP)
+        for _ in range(3)
+    ]
+    for w in workers:
+        w.wait_for_event("worker_started", 30)
+    app.set_queue_limit("limited", max_running=3)
+    handles = [app.enqueue("hold", {"seconds": 0.4}, queue="limited") for _ in range(24)]
+    with sampler("limited") as s:
+        # Kill the worker that holds running tasks, while it holds them.
+        owner = wait_until(
+            lambda: scalar(
+                dsn,
+                "SELECT w.pid FROM pgidem.tasks t JOIN pgidem.workers w ON w.id = t.lease_owner"
+                " WHERE t.state = 'running' GROUP BY w.pid ORDER BY count(*) DESC LIMIT 1",
+            ),
+            30,
+            0.02,
+            "a worker holding running tasks",
+        )
+        victim = next(w for w in workers if w.pid == owner)
+        victim.kill()
+        wait_until(
+            lambda: (
+                scalar(dsn, "SELECT count(*) FROM pgidem.tasks WHERE state = 'succeeded'")
+                == len(handles)
+            ),
+            90,
+            0.2,
+            "the limited queue to drain after the SIGKILL",
+        )
+    assert s.samples > 100
+    assert s.max_running == 3, f"max running sampled: {s.max_running}"
+    # The dead worker's claims were taken over by rescue, not left running.
+    rescued = scalar(dsn, "SELECT count(*) FROM pgidem.attempts WHERE status = 'lease_expired'")
+    assert rescued >= 1
+    assert scalar(dsn, "SELECT count(*) FROM ledger") == len(handles)
+    assert scalar(dsn, "SELECT count(DISTINCT task_id) FROM ledger") == len(handles)
+    # Handlers, not just rows, never overlapped more than 3 (at each committed start).
+    overlap = scalar(
+        dsn,
+        "SELECT max(n) FROM (SELECT (SELECT count(*) FROM ledger b"
+        "  WHERE b.started <= a.started AND b.finished > a.started) AS n FROM ledger a) x",
+    )
+    assert overlap <= 3
+
+
+def test_concurrency_key_allows_one_running_task_per_key(
+    dsn: str, app: pgidem.App, ledger: None, spawn_worker: Any, sampler: Any
+) -> None:
+    """Tasks with concurrency keys (3 keys, 4 tasks each) and 2 workers of 4 slots: sampled,
+    never two running tasks with one key; tasks of different keys do run at the same time;
+    then max_per_key=2 lets two of a key run."""
+    workers = [
+        spawn_worker(dsn, "--queue", "limited", "--concurrency", "4", "--lease", "5", app=APP)
+        for _ in range(2)
+    ]
+    for w in workers:
+        w.wait_for_event("worker_started", 30)
+    for i in range(12):
+        app.enqueue("hold", {"seconds": 0.3}, queue="limited", concurrency_key=f"account-{i % 3}")
+    with sampler("limited") as s:
+        wait_until(
+            lambda: scalar(dsn, "SELECT count(*) FROM ledger") == 12, 60, 0.2, "12 tasks done"
+        )
+    assert s.max_per_key == 1
+    assert s.max_running >= 2, "tasks of different keys should run side by side"
+    app.set_queue_limit("limited", max_per_key=2)
+    for _ in range(8):
+        app.enqueue("hold", {"seconds": 0.5}, queue="limited", concurrency_key="account-0")
+    with sampler("limited") as s2:
+        wait_until(
+            lambda: scalar(dsn, "SELECT count(*) FROM ledger") == 20, 60, 0.2, "20 tasks done"
+        )
+    assert s2.max_per_key == 2
+    assert scalar(dsn, "SELECT count(DISTINCT task_id) FROM ledger") == 20
+
+
+def test_rate_limit_holds_over_every_window(
+    dsn: str, app: pgidem.App, ledger: None, spawn_worker: Any
+) -> None:
+    """rate_limit 5 per second, 25 quick tasks, 2 workers: in every window of one second
+    (measured on the attempts' claimed_at, the time the rate limit counts) at most 5 tasks
+    started; so the 25 took at least 4 seconds; and all ran."""
+    app.set_queue_limit("limited", rate_limit=5, rate_period=1.0)
+    app.enqueue_many("quick", [{} for _ in range(25)], queue="limited")
+    for _ in range(2):
+        spawn_worker(dsn, "--queue", "limited", "--concurrency", "3", app=APP)
+    wait_until(lambda: scalar(dsn, "SELECT count(*) FROM ledger") == 25, 90, 0.2, "25 quick tasks")
+    claims = [r[0] for r in rows(dsn, "SELECT claimed_at FROM pgidem.attempts ORDER BY claimed_at")]
+    assert len(claims) == 25
+    window = timedelta(seconds=1)
+    worst = max(sum(1 for c in claims[i:] if c < start + window) for i, start in enumerate(claims))
+    assert worst <= 5, f"{worst} starts in one second"
+    assert claims[-1] - claims[0] >= timedelta(seconds=4)
+    status = {r["queue"]: r for r in app.queue_limits()}["limited"]
+    assert status["rate_limit"] == 5 and status["rate_period_s"] == 1.0
+
+
+def test_limits_show_in_views_status_and_show(
+    dsn: str, app: pgidem.App, conn: psycopg.Connection[Any]
+) -> None:
+    """Limits appear in the pgidem.queue_stats view (also for a queue with no tasks), in
+    `pgidem status`, `pgidem limit` and `pgidem show` (with the task's concurrency key)."""
+    conn.execute("SELECT pgidem.set_queue_limit('payments', 4, 10, '2 seconds')")
+    handle = app.enqueue("charge", {"n": 1}, queue="payments", concurrency_key="acct-7")
+    row = conn.execute(
+        "SELECT max_running, rate_limit, rate_period, max_per_key, started_in_period, available"
+        "  FROM pgidem.queue_stats WHERE queue = 'payments'"
+    ).fetchone()
+    assert row == (4, 10, timedelta(seconds=2), 1, 0, 1)
+    conn.execute("SELECT pgidem.set_queue_limit('idle', 0)")
+    assert conn.execute(
+        "SELECT available, max_running FROM pgidem.queue_stats WHERE queue = 'idle'"
+    ).fetchone() == (0, 0)
+
+    runner = CliRunner()
+    out = runner.invoke(main, ["status", "--dsn", dsn])
+    assert out.exit_code == 0, out.output
+    assert "limits:" in out.output and "10/2s" in out.output
+    out = runner.invoke(main, ["show", str(handle.id), "--dsn", dsn])
+    assert out.exit_code == 0, out.output
+    assert "acct-7" in out.output and "max_running 4, rate 10/2s" in out.output
+    out = runner.invoke(main, ["limit", "payments", "--rate", "3/1m", "--dsn", dsn])
+    assert out.exit_code == 0, out.output
+    assert "3/60s" in out.output
+    assert conn.execute(
+        "SELECT max_running, rate_limit, rate_period FROM pgidem.queue_limits"
+        " WHERE queue = 'payments'"
+    ).fetchone() == (4, 3, timedelta(minutes=1))
+    out = runner.invoke(main, ["limit", "payments", "--clear", "--dsn", dsn])
+    assert out.exit_code == 0, out.output
+    assert conn.execute(
+        "SELECT max_running, rate_limit FROM pgidem.queue_limits WHERE queue = 'payments'"
+    ).fetchone() == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("sql", "message"),
+    [
+        ("SELECT pgidem.set_queue_limit('q', -1)", "invalid max_running -1"),
+        ("SELECT pgidem.set_queue_limit('q', NULL, 0)", "invalid rate_limit 0"),
+        ("SELECT pgidem.set_queue_limit('q', NULL, 5, '0 seconds')", "invalid rate_period"),
+        ("SELECT pgidem.set_queue_limit('q', NULL, 5, '2 days')", "invalid rate_period"),
+        ("SELECT pgidem.set_queue_limit('q', 1, NULL, '1 s', 0)", "invalid max_per_key 0"),
+        ("SELECT pgidem.set_queue_limit('bad queue!', 1)", "invalid queue name"),
+        ("SELECT pgidem.enqueue_keyed('t', concurrency_key => '')", "invalid concurrency key"),
+    ],
+)
+def test_bad_limits_are_refused_from_sql(
+    conn: psycopg.Connection[Any], sql: str, message: str
+) -> None:
+    """Each bad value raises SQLSTATE PI002 naming the field, and nothing is written."""
+    with pytest.raises(psycopg.Error) as info:
+        conn.execute(sql)
+    assert info.value.sqlstate == "PI002"
+    assert message in str(info.value)
+    assert conn.execute("SELECT count(*) FROM pgidem.queue_limits").fetchone() == (0,)
+
+
+def test_bad_limits_are_refused_from_python_and_cli(app: pgidem.App, dsn: str) -> None:
+    """InvalidInput from the Python API, exit 1 with the message from `pgidem limit`, and a
+    concurrency key reused under one idempotency key must be the same key."""
+    with pytest.raises(pgidem.InvalidInput, match="invalid max_running -3"):
+        app.set_queue_limit("q", max_running=-3)
+    with pytest.raises(pgidem.InvalidInput, match="rate_period"):
+        app.set_queue_limit("q", rate_limit=3, rate_period=0)
+    with pytest.raises(pgidem.InvalidInput, match="max_per_key"):
+        app.set_queue_limit("q", max_per_key=True)  # type: ignore[arg-type]
+    out = CliRunner().invoke(main, ["limit", "q", "--max-running", "-2", "--dsn", dsn])
+    assert out.exit_code == 1 and "invalid max_running -2" in out.output
+    out = CliRunner().invoke(main, ["limit", "q", "--rate", "ten", "--dsn", dsn])
+    assert out.exit_code == 2 and "R/PERIOD" in out.output
+    assert app.queue_limits() == []
+    first = app.enqueue("t", {}, idempotency_key="k1", concurrency_key="a")
+    assert app.enqueue("t", {}, idempotency_key="k1", concurrency_key="a").id == first.id
+    with pytest.raises(pgidem.IdempotencyKeyMismatch, match="another concurrency key"):
+        app.enqueue("t", {}, idempotency_key="k1", concurrency_key="b")
+    # pgidem.enqueue (no concurrency key given) does not compare keys: it replays the task.
+    assert app.enqueue("t", {}, idempotency_key="k1").id == first.id
+
+
+def test_claim_skips_a_limited_queue_it_did_not_lock(conn: psycopg.Connection[Any]) -> None:
+    """The claim statement itself: a queue with a limits row is claimed from only when the
+    transaction holds its lock (a worker whose cache missed the new limit claims nothing
+    there), and then no more than its room; unlimited queues are claimed as before."""
+    from pgidem import _store
+
+    for i in range(5):
+        conn.execute("SELECT pgidem.enqueue('t', jsonb_build_object('i', %s::int), 'lim')", (i,))
+        conn.execute("SELECT pgidem.enqueue('t', jsonb_build_object('i', %s::int), 'free')", (i,))
+    conn.execute("SELECT pgidem.set_queue_limit('lim', 2)")
+    claim = dict(worker_id="w", queues=["lim", "free"], task_names=["t"], limit=10, lease_s=30)
+    got = _store.task_claim(conn, **claim)  # type: ignore[arg-type]
+    assert sorted(r["queue"] for r in got) == ["free"] * 5
+    with conn.transaction():
+        locked = _store.queue_limits_lock(conn, ["lim", "free"])
+        assert locked == ["lim"]
+        got = _store.task_claim(conn, locked=locked, **claim)  # type: ignore[arg-type]
+    assert [r["queue"] for r in got] == ["lim", "lim"]
+    with conn.transaction():
+        got = _store.task_claim(conn, locked=_store.queue_limits_lock(conn, ["lim"]), **claim)  # type: ignore[arg-type]
+    assert got == []
