@@ -170,3 +170,23 @@ def test_psql_views_have_a_row_per_task_and_per_queue(dsn: str, history: Any) ->
     assert (stats["default"]["succeeded"], stats["default"]["dead"]) == (1, 1)
     assert stats["elsewhere"]["available"] == 1
     assert stats["elsewhere"]["oldest_available_age"].total_seconds() >= 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--app", "tests.apps.worker_app:app", "--lease", "0.5"], "lease must be 1 to 86400"),
+        (["--app", "tests.apps.worker_app:app", "--concurrency", "0"], "concurrency must be"),
+        (["--app", "tests.apps.no_such_module:app"], "cannot import 'tests.apps.no_such_module'"),
+        (["--app", "tests.apps.worker_app:nothing"], "is not a pgidem.App"),
+        (["--app", "no-colon"], "--app must look like MODULE:ATTR"),
+    ],
+    ids=["lease", "concurrency", "module", "attribute", "format"],
+)
+def test_worker_refuses_bad_settings_with_a_message(
+    dsn: str, args: list[str], message: str
+) -> None:
+    """`pgidem worker` with a bad setting or app path exits 1 and says what is wrong."""
+    result = CliRunner().invoke(main, ["worker", "--dsn", dsn, *args])
+    assert result.exit_code == 1, result.output
+    assert message in result.output

@@ -239,3 +239,39 @@ def test_poison_task_dies_through_rescue_instead_of_killing_workers_forever(
     app.enqueue("write", {"n": 1}).result(timeout=30)
     assert survivor.alive()
     assert scalar(dsn, "SELECT count(*) FROM ledger") == 1
+
+
+@pytest.mark.slow
+def test_outage_longer_than_the_lease_tells_the_handler_and_rescues_the_task(
+    own_server: Any, own_dsn: str, spawn_worker: Any
+) -> None:
+    """The server goes away for longer than the lease while a handler runs: the heartbeat
+    cannot extend the lease, so once it has run out the handler is told (`lease_lost`,
+    ctx.check_lease raises); when the server is back the task is rescued with a new token and
+    completes once. Then SIGTERM while the server is down again still exits 0."""
+    dsn = own_dsn
+    execute(dsn, LEDGER_DDL)
+    with pgidem.App(dsn) as app:
+        handle = app.enqueue("long_running", {"seconds": 2.5}, max_attempts=3)
+        app.close()
+        worker = spawn_worker(dsn, "--concurrency", "1", "--lease", "1.5", "--poll-interval", "0.5")
+        wait_until(lambda: handlers_in_flight(dsn) == 1, 60, 0.02, "the handler running")
+        own_server.stop()
+        try:
+            lost = worker.wait_for_event("lease_lost", 30)
+        finally:
+            own_server.start()
+        assert lost["reason"] == "not_extended_in_time" and lost["task_id"] == handle.id
+        assert handle.result(timeout=60) == {"lease_lost": False}
+        tries = attempts(dsn, handle.id)
+        assert [a["status"] for a in tries] == ["lease_expired", "succeeded"]
+        assert rows(dsn, "SELECT token FROM ledger") == [(tries[-1]["fencing_token"],)]
+        assert worker.alive()
+        app.close()
+
+    own_server.stop()
+    try:
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(40) == 0
+    finally:
+        own_server.start()
