@@ -504,7 +504,6 @@ def _args(i: int) -> dict[str, Any]:
 class Producer:
     """Enqueues the run's tasks over ``feed_s`` seconds, each key more than once."""
 
-    CHUNK = 50
     RACERS = 3
 
     def __init__(self, scratch_dsn: str, tasks: int, feed_s: float) -> None:
@@ -555,12 +554,14 @@ class Producer:
 
     def _run(self) -> None:
         try:
-            chunks = math.ceil(self.tasks / self.CHUNK)
+            # About four chunks a second, so that work is in flight all along the faults.
+            size = max(5, min(100, math.ceil(self.tasks / max(1.0, self.feed_s * 4))))
+            chunks = math.ceil(self.tasks / size)
             start = time.monotonic()
             for c in range(chunks):
                 due = start + self.feed_s * c / max(1, chunks)
                 time.sleep(max(0.0, due - time.monotonic()))
-                self._chunk(range(c * self.CHUNK, min(self.tasks, (c + 1) * self.CHUNK)))
+                self._chunk(range(c * size, min(self.tasks, (c + 1) * size)))
         except BaseException as exc:
             self.error = exc
         finally:
@@ -785,9 +786,9 @@ class Injector:
         return True
 
     def _target(self, holding: bool) -> tuple[int | None, dict[int, int]]:
+        """A live worker, chosen by the seeded generator: among those holding a running task
+        when ``holding`` (None when none does right now: the fault is tried again later)."""
         live = sorted(self.supervisor.live())
-        if not live:
-            return None, {}
         held = self._held()
         pool = sorted(held) if holding else live
         if not pool:
@@ -798,7 +799,7 @@ class Injector:
     # Each fault returns (hit, note): hit None means not injected (no target right now).
 
     def _fault_kill_random(self) -> tuple[bool | None, str]:
-        pid, held = self._target(holding=False)
+        pid, held = self._target(holding=True)
         if pid is None:
             return None, ""
         with contextlib.suppress(ProcessLookupError):
@@ -877,7 +878,7 @@ class Injector:
         return n > 0, f"pid {pid}: {n} connections terminated"
 
     def _fault_sigterm(self) -> tuple[bool | None, str]:
-        pid, held = self._target(holding=False)
+        pid, held = self._target(holding=True)
         if pid is None:
             return None, ""
         with contextlib.suppress(ProcessLookupError):
@@ -888,6 +889,8 @@ class Injector:
     def _server_fault(self, mode: str) -> tuple[bool | None, str]:
         assert self.server is not None
         running = sum(len(v) for v in self._held().values())
+        if not running:
+            return None, ""  # nothing in flight to crash: later
         ok, err = self.server.restart(mode, self.run_dir / f"pg_ctl-{mode}.err")
         if not ok:
             raise PgidemError(f"pg_ctl restart -m {mode} failed: {err.strip()[-500:]}")
@@ -1588,6 +1591,13 @@ def _execute(settings: Settings, report: Path | None) -> None:
     help="Seconds to wait for the queue to drain after the faults "
     "(default max(120, 2 x duration)).",
 )
+@click.option(
+    "--minimum",
+    "minimum",
+    default=None,
+    type=click.IntRange(0, 1000),
+    help="Override every fault kind's minimum number of hits (a short CI run uses 1).",
+)
 def stability_command(
     dsn: str | None,
     seed: int | None,
@@ -1602,6 +1612,7 @@ def stability_command(
     window: float,
     concurrency: int,
     drain_timeout: float | None,
+    minimum: int | None,
 ) -> None:
     """Run payments through faults against a real PostgreSQL and check every invariant.
 
@@ -1622,6 +1633,7 @@ def stability_command(
         concurrency=concurrency,
         drain_timeout=drain_timeout,
         server_faults=server_faults,
+        minimum=dict(MINIMUM) if minimum is None else {k: minimum for k in FAULT_KINDS},
     )
     _execute(settings, report)
 
@@ -1647,6 +1659,7 @@ def demo_command(
         data_dir=data_dir,
         keep=keep,
         concurrency=3,
+        window=0.2,
         server_faults=server_faults,
         minimum={k: 1 for k in FAULT_KINDS},
         title="pgidem demo",
