@@ -194,6 +194,27 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (all its threads), in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    # After the command name: state is field 3, utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def backend_pids(admin_dsn: str, dbname: str) -> list[int]:
+    with admin_connect(admin_dsn) as conn:
+        return [
+            int(r[0])
+            for r in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                (dbname,),
+            )
+        ]
+
+
 @dataclass
 class DrainResult:
     """One drain: how long it took and what it cost in commits."""
@@ -203,6 +224,8 @@ class DrainResult:
     commits: int
     verified: int
     rss_samples: list[tuple[float, int, int]] = field(default_factory=list)
+    client_cpu_s: float = 0.0
+    server_cpu_s: float = 0.0
 
     @property
     def jobs_per_s(self) -> float:
@@ -220,6 +243,8 @@ class DrainResult:
             "commits": self.commits,
             "commits_per_task": round(self.commits_per_task, 4),
             "verified": self.verified,
+            "client_cpu_ms_per_task": round(self.client_cpu_s * 1000 / self.tasks, 3),
+            "server_cpu_ms_per_task": round(self.server_cpu_s * 1000 / self.tasks, 3),
         }
 
 
@@ -280,6 +305,14 @@ def drain(
             kib = rss_kib(procs[0].pid)
             if kib is not None:
                 samples.append((seconds, tasks, kib))
+        # CPU used by the workers (all threads) and by the backends serving them (the
+        # poller's own backend excluded), read before anything stops.
+        client_cpu = sum(cpu_seconds(p.pid) for p in procs)
+        server_cpu = sum(
+            cpu_seconds(pid)
+            for pid in backend_pids(admin_dsn, dbname)
+            if pid != poller.conn.info.backend_pid
+        )
         verified = poller.count(verify_sql) if verify_sql else tasks
     finally:
         poller.close()
@@ -290,7 +323,7 @@ def drain(
     after = xact_commit(admin_dsn, dbname)
     if verified != tasks:
         raise BenchError(f"verification counted {verified}, expected {tasks}")
-    return DrainResult(tasks, seconds, after - before, verified, samples)
+    return DrainResult(tasks, seconds, after - before, verified, samples, client_cpu, server_cpu)
 
 
 def run_json(cmd: Sequence[str], env: dict[str, str] | None = None, timeout: float = 900) -> Any:

@@ -76,8 +76,8 @@ FULL = Sizes(
     rss=100_000,
     pgq_grid=((1, 100), (2, 100), (2, 500), (1, 500)),
     pgq_one=2_000,
-    proc_drain=5_000,
-    proc_grid=((1, 10), (2, 10), (2, 30)),
+    proc_drain=3_000,
+    proc_grid=((2, 10), (2, 30)),
     proc_one=1_000,
     proc_latency=100,
 )
@@ -97,6 +97,24 @@ QUICK = Sizes(
     proc_grid=((2, 10),),
     proc_one=100,
     proc_latency=10,
+)
+#: The least that exercises every section (the smoke test's mode): figures mean nothing.
+SMOKE = Sizes(
+    pgbench_s=1,
+    bulk=200,
+    one=20,
+    drain=200,
+    grid=((1, 2, 16),),
+    latency=5,
+    latency_gap_s=0.02,
+    history=2_000,
+    rss=300,
+    pgq_grid=((1, 100),),
+    pgq_one=20,
+    proc_drain=50,
+    proc_grid=((1, 4),),
+    proc_one=20,
+    proc_latency=3,
 )
 
 PGBENCH_SCRIPT = """\
@@ -466,7 +484,7 @@ def table(result: dict[str, Any]) -> str:
     lines: list[str] = []
     m = result["machine"]
     lines.append(
-        f"Run {result['started_at']} ({'quick' if result['quick'] else 'full'}) on {m['cpu']}, "
+        f"Run {result['started_at']} ({result['mode']}) on {m['cpu']}, "
         f"{m['cores']} cores, {m['memory_gib']} GiB; PostgreSQL {m['postgres']} "
         f"(fsync={m['postgres_settings'].get('fsync')}, synchronous_commit="
         f"{m['postgres_settings'].get('synchronous_commit')}); load average "
@@ -596,6 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="tiny counts, for development")
     parser.add_argument(
+        "--smoke", action="store_true", help="the least that runs every section (for tests)"
+    )
+    parser.add_argument(
         "--compare", action="store_true", help="also run PgQueuer and Procrastinate"
     )
     parser.add_argument("--no-pgbench", action="store_true", help="skip pgbench")
@@ -603,17 +624,22 @@ def main(argv: list[str] | None = None) -> int:
         "--ref",
         help="benchmark pgidem as committed at this git ref (a snapshot), not the working tree",
     )
-    parser.add_argument("--json", dest="json_file", help="also write the JSON result here")
+    parser.add_argument(
+        "--json",
+        dest="json_file",
+        help="write the JSON result here (default: bench/results/<UTC timestamp>.json)",
+    )
     parser.add_argument("--markdown", dest="md_file", help="also write the table (Markdown) here")
     args = parser.parse_args(argv)
-    sizes = QUICK if args.quick else FULL
+    sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
     code = use_ref(args.ref) if args.ref else working_tree()
 
     started = datetime.now(UTC)
     t0 = time.monotonic()
     result: dict[str, Any] = {
         "started_at": started.strftime("%Y-%m-%d %H:%M UTC"),
-        "quick": args.quick,
+        "quick": args.quick or args.smoke,
+        "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
         "machine": machine(args.dsn),
         "load_before": load_average(),
         "sizes": sizes.__dict__,
@@ -627,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     result["pgidem"] = bench_pgidem(args.dsn, sizes, args.quick)
     if args.compare:
         result["compare"] = bench_competitors(args.dsn, sizes)
-    if not args.no_pgbench and not args.quick:
+    if not args.no_pgbench and sizes is FULL:
         log(f"pgbench again, {sizes.pgbench_s} s")
         result["pgbench_after"] = run_pgbench(args.dsn, sizes.pgbench_s)
     result["load_after"] = load_average()
@@ -637,11 +663,12 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"\n(took {result['duration_s']} s)")
 
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
-    for target in (path, Path(args.json_file) if args.json_file else None):
-        if target is not None:
-            target.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if args.json_file:
+        path = Path(args.json_file)
+    else:
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     if args.md_file:
         Path(args.md_file).write_text(text + "\n")
     log(f"wrote {path}")
