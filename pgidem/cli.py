@@ -323,7 +323,11 @@ def status(dsn: str | None) -> None:
             click.echo("limits:")
             _limits_table(limits)
         click.echo("")
-        click.echo(f"workers: {len(workers)}")
+        from pgidem.worker import STALE_WORKER_S
+
+        stale = sum(1 for w in workers if w["heartbeat_age_s"] > STALE_WORKER_S)
+        note = f" (and {stale} silent for over {STALE_WORKER_S:.0f} s: gone)" if stale else ""
+        click.echo(f"workers: {len(workers) - stale}{note}")
         _table(
             ("id", "queues", "concurrency", "heartbeat_age_s"),
             [

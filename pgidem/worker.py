@@ -59,6 +59,11 @@ MAX_ERROR_MESSAGE = 2000
 #: The longest traceback kept on an attempt row, in characters.
 MAX_TRACEBACK = 16000
 
+#: A worker whose heartbeat is older than this, in seconds, is gone: its row in
+#: pgidem.workers is removed by the heartbeat of any live worker (heartbeats come every 2 s
+#: at most, and a worker cut off that long re-registers with its next heartbeat).
+STALE_WORKER_S = 60.0
+
 _SAVEPOINT = "pgidem_task"
 
 
@@ -204,6 +209,7 @@ class Worker:
         self._signals = 0
         self._first_signal_at = 0.0
         self._stuck = 0
+        self._pruned_workers_at = 0.0
         self.counts: dict[str, int] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -865,6 +871,11 @@ class Worker:
                 elif not current and not task.lease.lost.is_set() and not cancelled:
                     self._mark_lost(task, "superseded")
         self._upsert_worker(conn)
+        if time.monotonic() - self._pruned_workers_at > STALE_WORKER_S / 2:
+            # Workers that died without deregistering (SIGKILL, lost host) leave their row;
+            # any live worker removes such rows (their tasks are rescued by the claim path).
+            _store.worker_prune_stale(conn, STALE_WORKER_S)
+            self._pruned_workers_at = time.monotonic()
         self._limited = _store.queue_limits_of(conn, self.queues)
 
     def _expire_unextended(self) -> None:

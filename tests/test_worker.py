@@ -349,3 +349,27 @@ def test_cancel_running_task_refuses_its_completion(
     with pytest.raises(pgidem.TaskCancelled):
         handle.result(timeout=1)
     assert worker.alive()
+
+
+def test_live_worker_removes_rows_of_workers_gone_silent(
+    dsn: str, ledger: None, spawn_worker: Any
+) -> None:
+    """A worker that died without deregistering (SIGKILL) leaves its pgidem.workers row; the
+    heartbeat of a live worker removes rows silent for over STALE_WORKER_S and keeps its own."""
+    from tests.helpers import execute
+
+    execute(
+        dsn,
+        "INSERT INTO pgidem.workers (id, hostname, pid, queues, concurrency, heartbeat_at)"
+        " VALUES ('ghost', 'nowhere', 1, '{default}', 1, now() - interval '5 minutes'),"
+        "        ('recent', 'nowhere', 2, '{default}', 1, now() - interval '10 seconds')",
+    )
+    spawn_worker(dsn, "--lease", "1")
+    wait_until(
+        lambda: "ghost" not in {r[0] for r in rows(dsn, "SELECT id FROM pgidem.workers")},
+        30,
+        0.1,
+        "the ghost worker's row to go",
+    )
+    left = {r[0] for r in rows(dsn, "SELECT id FROM pgidem.workers")}
+    assert "recent" in left and len(left) == 2
