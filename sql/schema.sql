@@ -218,9 +218,10 @@ CREATE FUNCTION pgidem.enqueue_many(task_name text, args jsonb[], queue text DEF
 #variable_conflict use_column
 DECLARE
     n        integer := coalesce(array_length(enqueue_many.args, 1), 0);
+    seq      regclass := pg_get_serial_sequence('pgidem.tasks', 'id')::regclass;
     ids      bigint[];
     bad      record;
-    inserted integer;
+    bad_row  bigint;
 BEGIN
     PERFORM pgidem._check_task_input(enqueue_many.task_name, enqueue_many.queue, NULL,
                                      enqueue_many.run_at, enqueue_many.priority,
@@ -251,57 +252,56 @@ BEGIN
             USING ERRCODE = 'PI002', COLUMN = 'idempotency_key';
     END IF;
 
-    ids := array_fill(NULL::bigint, ARRAY[n]);
+    -- ids[i] is the task id of row i once resolved. Every statement below walks the arrays with
+    -- unnest (O(n)); indexing a jsonb[] or text[] per row (args[i]) would be O(n^2).
     LOOP
-        -- Insert every unresolved row; ids are drawn first so each inserted row maps back to
-        -- its position without relying on RETURNING order.
-        WITH input AS (
-            SELECT u.i, u.a, u.k, nextval(pg_get_serial_sequence('pgidem.tasks', 'id')) AS new_id
-              FROM unnest(enqueue_many.args, enqueue_many.idempotency_keys)
-                   WITH ORDINALITY AS u(a, k, i)
-             WHERE ids[u.i] IS NULL
+        -- Insert every unresolved row, each with an id drawn first so that it maps back to its
+        -- position without relying on RETURNING order. In key order: concurrent bulk calls
+        -- with overlapping keys take the unique-index entries in one order and cannot
+        -- deadlock; a key repeated within the call is inserted at its first position.
+        WITH input AS MATERIALIZED (
+            SELECT u.i, u.a, u.k, u.known,
+                   CASE WHEN u.known IS NULL THEN nextval(seq) END AS new_id
+              FROM unnest(enqueue_many.args, enqueue_many.idempotency_keys, ids)
+                   WITH ORDINALITY AS u(a, k, known, i)
         ), ins AS (
             INSERT INTO pgidem.tasks (id, task_name, args, queue, idempotency_key, run_at,
                                       priority, max_attempts)
             SELECT input.new_id, enqueue_many.task_name, input.a, enqueue_many.queue, input.k,
                    coalesce(enqueue_many.run_at, now()), enqueue_many.priority,
                    coalesce(enqueue_many.max_attempts, 5)
-              -- In key order: concurrent bulk calls with overlapping keys then take the
-              -- unique-index entries in one order and cannot deadlock. A key repeated within
-              -- the call is inserted at its first position (the others dedupe to it).
-              FROM input ORDER BY input.k, input.i
+              FROM input
+             WHERE input.new_id IS NOT NULL
+             ORDER BY input.k, input.i
             ON CONFLICT (task_name, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING id
         )
-        SELECT array_agg(coalesce(ids[g.i], input.new_id) ORDER BY g.i), count(ins.id)
-          INTO ids, inserted
-          FROM generate_series(1, n) AS g(i)
-          LEFT JOIN input ON input.i = g.i
-          LEFT JOIN ins ON ins.id = input.new_id;
-        -- Above, every unresolved row got its drawn id; rows whose insert did nothing must
-        -- instead take the id of the existing task with their key.
-        SELECT array_agg(CASE WHEN t_new.id IS NOT NULL THEN ids[g.i] ELSE t_old.id END
-                         ORDER BY g.i)
-          INTO ids
-          FROM generate_series(1, n) AS g(i)
-          LEFT JOIN pgidem.tasks t_new ON t_new.id = ids[g.i]
-          LEFT JOIN pgidem.tasks t_old
-                 ON t_new.id IS NULL
-                AND t_old.task_name = enqueue_many.task_name
-                AND t_old.idempotency_key = enqueue_many.idempotency_keys[g.i];
-        SELECT g.i, t.id AS task_id, t.args AS existing, enqueue_many.args[g.i] AS given INTO bad
-          FROM generate_series(1, n) AS g(i)
-          JOIN pgidem.tasks t ON t.id = ids[g.i]
-         WHERE t.args IS DISTINCT FROM enqueue_many.args[g.i]
-         LIMIT 1;
-        IF FOUND THEN
+        SELECT array_agg(coalesce(input.known, ins.id) ORDER BY input.i) INTO ids
+          FROM input LEFT JOIN ins ON ins.id = input.new_id;
+        -- Rows whose insert did nothing take the id of the task that holds their key: one
+        -- enqueued before, one committed meanwhile by a concurrent caller (this statement's
+        -- snapshot is newer than the wait in the INSERT), or an earlier row of this call. Their
+        -- args must be equal (the Stripe rule); the first row that differs is reported.
+        SELECT array_agg(coalesce(r.id, t.id) ORDER BY r.i),
+               min(r.i) FILTER (WHERE t.id IS NOT NULL AND t.args IS DISTINCT FROM r.a)
+          INTO ids, bad_row
+          FROM unnest(ids, enqueue_many.idempotency_keys, enqueue_many.args)
+               WITH ORDINALITY AS r(id, k, a, i)
+          LEFT JOIN pgidem.tasks t
+                 ON r.id IS NULL
+                AND t.task_name = enqueue_many.task_name
+                AND t.idempotency_key = r.k;
+        IF bad_row IS NOT NULL THEN
+            SELECT t.id, t.args INTO bad
+              FROM pgidem.tasks t
+             WHERE t.id = ids[bad_row];
             RAISE EXCEPTION 'idempotency key % of task % was already used with different args',
-                quote_literal(enqueue_many.idempotency_keys[bad.i]),
+                quote_literal(enqueue_many.idempotency_keys[bad_row]),
                 quote_literal(enqueue_many.task_name)
                 USING ERRCODE = 'PI001',
                       DETAIL = format('row %s: existing task %s has args %s; this call passed %s',
-                                      bad.i, bad.task_id, left(bad.existing::text, 200),
-                                      left(bad.given::text, 200)),
+                                      bad_row, bad.id, left(bad.args::text, 200),
+                                      left(enqueue_many.args[bad_row]::text, 200)),
                       HINT = 'a reused key must carry the same request; use a new key for a new request';
         END IF;
         EXIT WHEN array_position(ids, NULL) IS NULL;
@@ -310,7 +310,7 @@ BEGIN
     IF enqueue_many.run_at IS NULL OR enqueue_many.run_at <= now() THEN
         PERFORM pg_notify('pgidem', enqueue_many.queue);
     END IF;
-    RETURN QUERY SELECT g.i::bigint, ids[g.i] FROM generate_series(1, n) AS g(i);
+    RETURN QUERY SELECT r.i, r.id FROM unnest(ids) WITH ORDINALITY AS r(id, i);
 END
 $$;
 

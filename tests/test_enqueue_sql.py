@@ -373,3 +373,61 @@ def test_enqueue_many_concurrent_overlapping_batches(
     assert all(isinstance(r, dict) for r in results), results
     assert all(r == results[0] for r in results)
     assert count_tasks(conn) == 200
+
+
+@pytest.mark.parametrize("outcome", ["commit", "rollback"])
+def test_enqueue_many_waits_for_a_concurrent_batch(
+    conn: psycopg.Connection[Any], dsn: str, outcome: str
+) -> None:
+    """A bulk enqueue blocked on keys held by another open transaction gets, once that one
+    commits, the other's ids (after its rollback, ids of its own rows), never a phantom id."""
+    keys_sql = "ARRAY['a', 'b', 'c']"
+    holder = psycopg.connect(dsn)
+    results: list[Any] = [None]
+    try:
+        held = dict(
+            holder.execute(
+                "SELECT ord, id FROM pgidem.enqueue_many('charge', "
+                f"array_fill('{{}}'::jsonb, ARRAY[3]), idempotency_keys => {keys_sql})"
+            ).fetchall()
+        )
+
+        def other() -> None:
+            try:
+                with psycopg.connect(dsn, autocommit=True) as c:
+                    rows = c.execute(
+                        "SELECT ord, id FROM pgidem.enqueue_many('charge', "
+                        "array_fill('{}'::jsonb, ARRAY[4]), "
+                        "idempotency_keys => ARRAY['c', 'new', 'a', 'b'])"
+                    ).fetchall()
+                    results[0] = dict(rows)
+            except Exception as exc:  # reported by the test
+                results[0] = exc
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        wait_until(
+            lambda: (
+                conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND %s = ANY(pg_blocking_pids(pid))",
+                    (holder.info.backend_pid,),
+                ).fetchone()
+                == (1,)
+            ),
+            timeout=30,
+            message="the second batch blocked on the first",
+        )
+        holder.commit() if outcome == "commit" else holder.rollback()
+    finally:
+        holder.close()
+    thread.join(60)
+    got = results[0]
+    assert isinstance(got, dict), got
+    stored = dict(conn.execute("SELECT idempotency_key, id FROM pgidem.tasks").fetchall())
+    assert set(stored) == {"a", "b", "c", "new"}
+    assert got == {1: stored["c"], 2: stored["new"], 3: stored["a"], 4: stored["b"]}
+    if outcome == "commit":
+        assert (stored["a"], stored["b"], stored["c"]) == (held[1], held[2], held[3])
+    else:
+        assert not {stored["a"], stored["b"], stored["c"]} & set(held.values())
