@@ -599,7 +599,7 @@ class App:
 
         The rules of ``enqueue`` hold per row. Without ``conn``, all batches run in one
         transaction on a pooled connection, so a bad row enqueues nothing; with ``conn``, in the
-        caller's transaction.
+        caller's transaction (or, on an autocommit connection, in one transaction of its own).
 
         Returns:
             The task ids, in the order of ``args``.
@@ -663,7 +663,12 @@ class App:
             return []
         if conn is not None:
             self._check_caller_conn(conn)
-            return run(conn)
+            if not conn.autocommit:
+                return run(conn)  # the caller's transaction: a bad row aborts it
+            # An autocommit connection would commit batch by batch: make the call one
+            # transaction, so that a bad row in a later batch leaves nothing behind.
+            with mapped_errors(), conn.transaction():
+                return run(conn)
         with self.pool.connection() as pooled, mapped_errors(), pooled.transaction():
             return run(pooled)
 

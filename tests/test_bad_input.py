@@ -446,3 +446,18 @@ def test_cli_enqueue_bad_args_in_a_real_process(
     assert "Invalid value for --args: not valid JSON" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert count_tasks(empty_conn) == 0
+
+
+def test_enqueue_many_on_an_autocommit_conn_is_one_transaction(
+    shared_app: pgidem.App, empty_conn: psycopg.Connection[Any]
+) -> None:
+    """With conn= an autocommit connection, a bad row in the third batch leaves nothing of
+    the first two (regression: each batch used to commit on its own)."""
+    rows = [{"n": i} for i in range(25)]
+    keys: list[str | None] = [None] * 25
+    keys[22] = "k" * 256  # the key rule is SQL's, so batches 1 and 2 ran before this one
+    with pytest.raises(pgidem.InvalidInput, match=r"row 23: invalid idempotency key"):
+        shared_app.enqueue_many(
+            "charge", rows, idempotency_keys=keys, batch_size=10, conn=empty_conn
+        )
+    assert count_tasks(empty_conn) == 0
