@@ -82,7 +82,7 @@ class FakePaymentService:
         self.record_path = record_path
         self.after_apply = after_apply
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer((host, port), _handler_for(self))
+        self._server = _QuietServer((host, port), _handler_for(self))
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -158,6 +158,18 @@ class FakePaymentService:
         with self._lock:
             self.stats.requests += 1
             self.stats.bad_requests += 1
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A caller that died before reading its answer (an ``after_apply`` hook may kill it on
+    purpose) is not an error of the service: no traceback on stderr for a broken connection."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
 
 def _handler_for(service: FakePaymentService) -> type[BaseHTTPRequestHandler]:
