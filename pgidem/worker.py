@@ -85,6 +85,8 @@ class Claimed:
     lease_until: float = 0.0
     timeout: float | None = None
     thread: threading.Thread | None = None
+    #: The slot thread that claimed it (its batch runs on that thread).
+    claimer: threading.Thread | None = None
 
 
 @dataclass
@@ -428,6 +430,7 @@ class Worker:
                 token=r["fencing_token"],
                 timeout=self.app.tasks[r["task_name"]].timeout,
                 lease_until=lease_until,
+                claimer=threading.current_thread(),
             )
             for r in rows
         ]
@@ -955,6 +958,17 @@ class Worker:
         # The stuck thread leaves its loop if its handler ever returns; a new slot takes over.
         if task.thread is not None:
             task.thread.pgidem_abandoned = True  # type: ignore[attr-defined]
+        # The rest of the stuck slot's batch would wait for its handler to return (and the
+        # heartbeat would keep their leases alive meanwhile, for ever if it never does): give
+        # them back now. If the handler returns, the slot's own release of them is a no-op.
+        with self._held_lock:
+            mates = [
+                t
+                for t in self._held.values()
+                if t.started_at is None and t.claimer is not None and t.claimer is task.claimer
+            ]
+        if mates:
+            self._release(mates)
         self._stuck += 1
         if self._stuck >= self.slots * 2:
             self.log.error("worker_replacing_itself", stuck_threads=self._stuck)
