@@ -275,3 +275,42 @@ def test_outage_longer_than_the_lease_tells_the_handler_and_rescues_the_task(
         assert worker.wait(40) == 0
     finally:
         own_server.start()
+
+
+def test_connection_dropped_during_commit_leaves_the_outcome_to_the_next_claim(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
+) -> None:
+    """The connection dies in the middle of a batch's COMMIT (a deferred trigger, which runs at
+    COMMIT, terminates its own backend, once): the worker cannot know whether it committed,
+    logs `task_outcome_unknown` for each task of the batch and does not retry the COMMIT; the
+    leases expire, the next claim finds the tasks still running (nothing committed), rescues
+    and completes them: one ledger row per task, and the worker keeps going."""
+    execute(
+        dsn,
+        """
+        CREATE SEQUENCE commit_kills;
+        CREATE FUNCTION kill_first_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF nextval('commit_kills') = 1 THEN
+                PERFORM pg_terminate_backend(pg_backend_pid());
+                PERFORM pg_sleep(5);  -- the termination lands here, inside COMMIT
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE CONSTRAINT TRIGGER kill_first_commit AFTER INSERT ON ledger
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION kill_first_commit();
+        """,
+    )
+    ids = app.enqueue_many("write", [{"n": i} for i in range(5)])
+    worker = spawn_worker(dsn, "--concurrency", "1", "--lease", "1", "--poll-interval", "0.2")
+    wait_all(dsn, 5, timeout=60)
+
+    assert_once_per_task(dsn)
+    # The tasks of the killed transaction (the batch may have been split into several
+    # transactions by commit_interval; those not yet run were given back, uncounted).
+    unknown = {e["task_id"] for e in worker.events() if e["event"] == "task_outcome_unknown"}
+    assert unknown and unknown <= set(ids)
+    for task_id in ids:
+        expected = ["lease_expired", "succeeded"] if task_id in unknown else ["succeeded"]
+        assert [a["status"] for a in attempts(dsn, task_id)] == expected, task_id
+    assert worker.alive()
