@@ -222,10 +222,19 @@ class Worker:
         Raises:
             SchemaOutdated, SchemaTooNew: the schema does not match the code.
         """
-        dsn = self.app.dsn
+        previous = {}
         if install_signals:
-            signal.signal(signal.SIGTERM, self._on_signal)
-            signal.signal(signal.SIGINT, self._on_signal)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous[signum] = signal.signal(signum, self._on_signal)
+        try:
+            return self._run()
+        finally:
+            # An embedding program gets its own handlers back.
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _run(self) -> int:
+        dsn = self.app.dsn
         if not self._check_schema():
             return 0
         self._pool = ConnectionPool(

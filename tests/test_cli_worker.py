@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -190,3 +191,27 @@ def test_worker_refuses_bad_settings_with_a_message(
     result = CliRunner().invoke(main, ["worker", "--dsn", dsn, *args])
     assert result.exit_code == 1, result.output
     assert message in result.output
+
+
+def test_worker_refuses_a_database_without_the_schema(server_dsn: str) -> None:
+    """`pgidem worker` on a reachable database where pgidem was never migrated exits 1 at once
+    and says to run `pgidem migrate` (it waits only for a database it cannot reach)."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    name = f"pgidem_unmigrated_{os.getpid()}"
+    with psycopg.connect(server_dsn, autocommit=True) as c:
+        c.execute(f"DROP DATABASE IF EXISTS {name}")
+        c.execute(f"CREATE DATABASE {name}")
+    try:
+        dsn = make_conninfo(**{**conninfo_to_dict(server_dsn), "dbname": name})
+        before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        result = CliRunner().invoke(
+            main, ["worker", "--dsn", dsn, "--app", "tests.apps.worker_app:app"]
+        )
+        assert result.exit_code == 1, result.output
+        assert "has no pgidem schema: run `pgidem migrate`" in result.output
+        # The worker put back the signal handlers it found (here, pytest's).
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as c:
+            c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

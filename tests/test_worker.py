@@ -77,8 +77,10 @@ def test_thousand_tasks_by_four_workers_write_exactly_once_and_log_json(
     exactly 1,000 ledger rows (one per task, carrying the winning token), 1,000 succeeded
     outcomes, one succeeded attempt per task; and each worker's log (a file, not a terminal:
     JSON without asking) has one line per attempt with the canonical keys."""
-    ids = app.enqueue_many("write", [{"n": i} for i in range(1000)])
     workers = [spawn_worker(dsn, "--concurrency", "2", log_json=None) for _ in range(4)]
+    # All four ready before the work arrives (woken by the NOTIFY of the bulk enqueue).
+    wait_until(lambda: scalar(dsn, "SELECT count(*) FROM pgidem.workers") == 4, 60, 0.1)
+    ids = app.enqueue_many("write", [{"n": i} for i in range(1000)])
     wait_all(dsn, 1000, timeout=150)
 
     assert states(dsn) == {"succeeded": 1000}
