@@ -311,6 +311,8 @@ class WorkerSlot:
     application_name: str
     proc: subprocess.Popen[bytes] | None = None
     started: int = 0
+    started_at: float = 0.0
+    quick_failures: int = 0
 
 
 class Supervisor:
@@ -328,6 +330,8 @@ class Supervisor:
         ]
         self.exits: dict[int, int] = {}
         self.restarts = 0
+        #: Set when a worker keeps failing at start (it cannot import the app, say).
+        self.failed: str | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="stability-supervisor", daemon=True)
@@ -369,6 +373,7 @@ class Supervisor:
         )
         log.close()  # the child holds its own descriptor
         slot.started += 1
+        slot.started_at = time.monotonic()
 
     def start(self) -> None:
         with self._lock:
@@ -381,10 +386,21 @@ class Supervisor:
             with self._lock:
                 for slot in self.slots:
                     if slot.proc is not None and slot.proc.poll() is not None:
-                        self.exits[slot.proc.pid] = slot.proc.returncode
-                        if not self._stopping.is_set():
+                        code = slot.proc.returncode
+                        self.exits[slot.proc.pid] = code
+                        # Our own faults end workers with SIGKILL or SIGTERM (exit 0); a worker
+                        # that fails on its own right after starting, again and again, is broken.
+                        quick = time.monotonic() - slot.started_at < 3 and code not in (0, -9)
+                        slot.quick_failures = slot.quick_failures + 1 if quick else 0
+                        if slot.quick_failures >= 5 and self.failed is None:
+                            self.failed = self._log_tail(slot)
+                        if not self._stopping.is_set() and self.failed is None:
                             self._spawn(slot)
                             self.restarts += 1
+
+    def _log_tail(self, slot: WorkerSlot) -> str:
+        text = (self.run_dir / f"worker-{slot.index}.log").read_text(errors="replace")
+        return text[-2000:]
 
     def live(self) -> dict[int, WorkerSlot]:
         """Live worker processes by pid."""
@@ -1059,8 +1075,9 @@ def check(
     add(
         "one_charge_per_key",
         charges_bad,
-        f"{stats['applied']} charges applied for {len(rec.ids)} keys "
-        f"({stats['replayed']} replays, {stats['stale_refused']} stale tokens refused)",
+        f"{_n(stats['applied'], 'charge')} applied for {_n(len(rec.ids), 'key')} "
+        f"({_n(stats['replayed'], 'replay')}, {_n(stats['stale_refused'], 'stale token')} "
+        "refused)",
         "{n} keys without exactly one charge (or a ledger row naming another charge)",
     )
 
@@ -1085,7 +1102,7 @@ def check(
     add(
         "no_stale_completion",
         stale,
-        f"{fenced} fenced attempts, none accepted, none left a ledger row",
+        f"{_n(fenced, 'fenced attempt')}, none accepted, none left a ledger row",
         "{n} stale completions accepted or stale ledger rows",
     )
 
@@ -1110,7 +1127,8 @@ def check(
     add(
         "pause_refused",
         pause_bad,
-        f"{outlived} pauses past the lease: {refused_total} stale completions refused, "
+        f"{_n(outlived, 'pause')} past the lease: "
+        f"{_n(refused_total, 'stale completion')} refused, "
         f"{declined_total} skipped by the woken worker, none accepted",
         "{n} pauses that outlived their lease and had a stale attempt accepted",
     )
@@ -1292,6 +1310,11 @@ def run(settings: Settings, out: Callable[[str], None] = click.echo) -> Result:
         injector.start(faults_from + settings.duration)
         progress.start()
         while time.monotonic() < injector.deadline and injector.error is None:
+            if supervisor.failed is not None:
+                raise PgidemError(
+                    "the workers fail as soon as they start; the last one said:\n"
+                    + supervisor.failed
+                )
             time.sleep(0.2)
         injector.stop()
         fault_s = time.monotonic() - faults_from
@@ -1495,15 +1518,20 @@ def sentence(result: Result) -> str:
     kinds = [k for k, v in f.items() if v["allowed"] and v["injected"]]
     fenced = result.attempts.get("fenced", 0)
     text = (
-        f"{'Green' if not result.under_minimum else 'Inconclusive'}: through {injected} faults "
+        f"{'Green' if not result.under_minimum else 'Inconclusive'}: "
+        f"through {_n(injected, 'fault')} "
         f"({', '.join(kinds)}), each of {result.jepsen['acknowledged']} payments was charged "
         f"exactly once and written to the ledger exactly once, by the attempt whose fencing "
-        f"token is on its outcome; {result.jepsen['recovered']} tasks recovered after a failed "
-        f"attempt, {fenced} stale attempts were refused, and nothing was lost."
+        f"token is on its outcome; {_n(result.jepsen['recovered'], 'task')} recovered after a "
+        f"failed attempt, {_n(fenced, 'stale attempt')} refused, and nothing was lost."
     )
     if result.under_minimum:
         text += " Too few faults of some kinds landed for that to mean much: run longer."
     return text
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _table(

