@@ -842,14 +842,24 @@ class Worker:
     def _heartbeat_connect(self) -> psycopg.Connection[Any]:
         # Its own connection, not the pool's: the heartbeat must never queue behind busy slots,
         # and a connection attempt must fail fast when the server is away.
-        timeout = max(2, int(min(self.config.lease / 2, 10)))
         with _errors.mapped_errors():
-            return psycopg.connect(
-                self.app.dsn,
-                autocommit=True,
-                connect_timeout=timeout,
-                application_name=self.application_name,
-            )
+            return psycopg.connect(self.app.dsn, **self._dedicated_conn_kwargs())
+
+    def _dedicated_conn_kwargs(self) -> dict[str, Any]:
+        """Settings for the heartbeat's and the listener's own connections: a dead server or
+        a silent network must make them fail within about half a lease, not hang (a hung
+        heartbeat would neither extend leases nor tell handlers theirs ran out)."""
+        half = max(1, int(self.config.lease / 2))
+        return {
+            "autocommit": True,
+            "application_name": self.application_name,
+            "connect_timeout": max(2, min(half, 10)),
+            "keepalives": 1,
+            "keepalives_idle": half,
+            "keepalives_interval": 1,
+            "keepalives_count": 3,
+            "tcp_user_timeout": half * 1000,
+        }
 
     def _held_now(self, task: Claimed) -> bool:
         with self._held_lock:
@@ -996,12 +1006,7 @@ class Worker:
         failures = 0
         while not self._stopping.is_set():
             try:
-                with psycopg.connect(
-                    self.app.dsn,
-                    autocommit=True,
-                    connect_timeout=5,
-                    application_name=self.application_name,
-                ) as conn:
+                with psycopg.connect(self.app.dsn, **self._dedicated_conn_kwargs()) as conn:
                     conn.execute("LISTEN pgidem")
                     if failures:
                         self.log.info("listener_reconnected")

@@ -220,13 +220,14 @@ def test_second_signal_exits_at_once(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("how", ["exit", "kill"])
 def test_poison_task_dies_through_rescue_instead_of_killing_workers_forever(
-    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any, how: str
 ) -> None:
-    """A handler that kills its own worker every time (max_attempts 2): two workers die, the
-    third worker's claim finds no attempt left and moves the task to `dead` instead of running
-    it; that worker lives and goes on with other work."""
-    poison = app.enqueue("poison", {"how": "exit"}, max_attempts=2)
+    """A handler that kills its own worker every time (os._exit, or SIGKILL to itself;
+    max_attempts 2): two workers die, the third worker's claim finds no attempt left and moves
+    the task to `dead` instead of running it; that worker lives and goes on with other work."""
+    poison = app.enqueue("poison", {"how": how}, max_attempts=2)
     for _ in range(2):
         w = spawn_worker(dsn, "--concurrency", "1", "--lease", "1", "--poll-interval", "0.2")
         assert w.wait(60) != 0
