@@ -1266,7 +1266,6 @@ def run(settings: Settings, out: Callable[[str], None] = click.echo) -> Result:
     tag = f"{seed}_{os.getpid()}_{random.SystemRandom().randrange(16**4):04x}"
     scratch = f"pgidem_stability_{tag}"
     scratch_dsn = make_conninfo(target.server_dsn, dbname=scratch)
-    run_dir = Path(tempfile.mkdtemp(prefix="pgidem-stability-"))
     out(
         f"{settings.title}: {settings.tasks} tasks, {settings.workers} workers, "
         f"{settings.duration:g} s of faults, seed {seed}"
@@ -1275,10 +1274,19 @@ def run(settings: Settings, out: Callable[[str], None] = click.echo) -> Result:
     if target.server is None:
         out(f"server faults: off ({target.why_no_server_faults})")
     started = time.monotonic()
-    with _connect(target.server_dsn) as admin:
-        admin.execute(
-            sql.SQL(_sql.query("stability_database_create")).format(dbname=sql.Identifier(scratch))
-        )
+    try:
+        with _connect(target.server_dsn) as admin:
+            admin.execute(
+                sql.SQL(_sql.query("stability_database_create")).format(
+                    dbname=sql.Identifier(scratch)
+                )
+            )
+    except psycopg.Error as exc:
+        raise ConfigurationError(
+            f"cannot create the run's scratch database {scratch} on {target.description}: "
+            f"{exc} (the run needs a role that may CREATE DATABASE)"
+        ) from exc
+    run_dir = Path(tempfile.mkdtemp(prefix="pgidem-stability-"))
     supervisor: Supervisor | None = None
     payments: Payments | None = None
     injector: Injector | None = None

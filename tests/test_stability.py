@@ -37,7 +37,8 @@ def _stability(
         text=True,
         timeout=timeout,
         cwd=cwd,
-        env=_env(**env),
+        # Worker logs of a failed run are kept in a temporary directory: this test's.
+        env=_env(TMPDIR=str(cwd), **env),
         check=False,
     )
 
