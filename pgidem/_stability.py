@@ -956,7 +956,8 @@ class Progress:
                 self.done = int(rows[0]["succeeded"]) if rows else self.done
             left = max(0.0, self.injector.deadline - time.monotonic())
             line = (
-                f"{self.done}/{self.total} tasks done, {self.injector.injected} faults injected, "
+                f"{self.done}/{self.total} tasks done, "
+                f"{_n(self.injector.injected, 'fault')} injected, "
                 + (f"{left:.0f} s of faults left" if self.phase == "faults" else "draining")
             )
             if self.tty:
