@@ -431,3 +431,25 @@ def test_enqueue_many_waits_for_a_concurrent_batch(
         assert (stored["a"], stored["b"], stored["c"]) == (held[1], held[2], held[3])
     else:
         assert not {stored["a"], stored["b"], stored["c"]} & set(held.values())
+
+
+def test_repeatable_read_caller_gets_a_serialization_failure_not_a_hang(
+    conn: psycopg.Connection[Any], dsn: str
+) -> None:
+    """A REPEATABLE READ transaction whose snapshot predates a concurrent enqueue of the same
+    key cannot see that task: it gets SQLSTATE 40001 (retry the transaction), from
+    pgidem.enqueue and pgidem.enqueue_many alike, instead of a duplicate or an endless loop."""
+    for call in (
+        "SELECT pgidem.enqueue('charge', '{}', idempotency_key => %(key)s)",
+        "SELECT * FROM pgidem.enqueue_many('charge', ARRAY['{}'::jsonb], "
+        "idempotency_keys => ARRAY[%(key)s])",
+    ):
+        key = f"rr-{len(call)}"
+        with psycopg.connect(dsn) as rr:
+            rr.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            rr.execute("SELECT 1")  # the snapshot is taken here
+            conn.execute(call, {"key": key})
+            rr.execute("SET LOCAL statement_timeout = '20s'")
+            with pytest.raises(psycopg.errors.SerializationFailure):
+                rr.execute(call, {"key": key})
+    assert count_tasks(conn) == 2
