@@ -227,27 +227,34 @@ def test_limits_show_in_views_status_and_show(
     ).fetchone() == (None, None)
 
 
-@pytest.mark.parametrize(
-    ("sql", "message"),
-    [
-        ("SELECT pgidem.set_queue_limit('q', -1)", "invalid max_running -1"),
-        ("SELECT pgidem.set_queue_limit('q', NULL, 0)", "invalid rate_limit 0"),
-        ("SELECT pgidem.set_queue_limit('q', NULL, 5, '0 seconds')", "invalid rate_period"),
-        ("SELECT pgidem.set_queue_limit('q', NULL, 5, '2 days')", "invalid rate_period"),
-        ("SELECT pgidem.set_queue_limit('q', 1, NULL, '1 s', 0)", "invalid max_per_key 0"),
-        ("SELECT pgidem.set_queue_limit('bad queue!', 1)", "invalid queue name"),
-        ("SELECT pgidem.enqueue_keyed('t', concurrency_key => '')", "invalid concurrency key"),
-    ],
-)
-def test_bad_limits_are_refused_from_sql(
-    conn: psycopg.Connection[Any], sql: str, message: str
-) -> None:
-    """Each bad value raises SQLSTATE PI002 naming the field, and nothing is written."""
-    with pytest.raises(psycopg.Error) as info:
-        conn.execute(sql)
-    assert info.value.sqlstate == "PI002"
-    assert message in str(info.value)
+BAD_LIMITS = [
+    ("SELECT pgidem.set_queue_limit('q', -1)", "invalid max_running -1"),
+    ("SELECT pgidem.set_queue_limit('q', NULL, 0)", "invalid rate_limit 0"),
+    ("SELECT pgidem.set_queue_limit('q', NULL, 5, '0 seconds')", "invalid rate_period"),
+    ("SELECT pgidem.set_queue_limit('q', NULL, 5, '2 days')", "invalid rate_period"),
+    ("SELECT pgidem.set_queue_limit('q', NULL, 5, NULL)", "invalid rate_period"),
+    ("SELECT pgidem.set_queue_limit('q', 1, NULL, '1 s', 0)", "invalid max_per_key 0"),
+    ("SELECT pgidem.set_queue_limit('q', 1, NULL, '1 s', NULL)", "invalid max_per_key"),
+    ("SELECT pgidem.set_queue_limit('bad queue!', 1)", "invalid queue name"),
+    ("SELECT pgidem.set_queue_limit(NULL, 1)", "invalid queue name"),
+    ("SELECT pgidem.enqueue_keyed('t', concurrency_key => '')", "invalid concurrency key"),
+    (
+        "SELECT pgidem.enqueue_keyed('t', '{}', 'bad queue', concurrency_key => 'k')",
+        "invalid queue",
+    ),
+]
+
+
+def test_bad_limits_are_refused_from_sql(conn: psycopg.Connection[Any]) -> None:
+    """Each bad value raises SQLSTATE PI002 with a message naming the field, and nothing is
+    written (no limits row, no task)."""
+    for sql, message in BAD_LIMITS:
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(sql)
+        assert info.value.sqlstate == "PI002", sql
+        assert message in str(info.value), (sql, str(info.value))
     assert conn.execute("SELECT count(*) FROM pgidem.queue_limits").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM pgidem.tasks").fetchone() == (0,)
 
 
 def test_bad_limits_are_refused_from_python_and_cli(app: pgidem.App, dsn: str) -> None:
