@@ -38,7 +38,7 @@ def history(dsn: str, conn: psycopg.Connection[Any], app: pgidem.App, spawn_work
     return {"ok": ok.id, "dead": dead.id, "waiting": waiting.id, "worker": worker}
 
 
-def test_status_shows_queues_states_and_live_workers(dsn: str, history: Any) -> None:
+def check_status_shows_queues_states_and_live_workers(dsn: str, history: Any) -> None:
     """`pgidem status`: a row per queue with counts by state and the oldest wait, and the
     live workers."""
     result = cli(dsn, "status")
@@ -65,7 +65,7 @@ def test_status_shows_queues_states_and_live_workers(dsn: str, history: Any) -> 
     assert any(line.startswith(worker_id) for line in lines)
 
 
-def test_show_prints_the_task_its_attempts_and_outcome(dsn: str, history: Any) -> None:
+def check_show_prints_the_task_its_attempts_and_outcome(dsn: str, history: Any) -> None:
     """`pgidem show ID`: the task's fields, every attempt with token, worker, times and how it
     ended, and the outcome with its token; `--json` gives the same as JSON."""
     (token, worker_id) = rows(
@@ -132,6 +132,13 @@ def test_retry_and_cancel_change_state_or_refuse_clearly(dsn: str, history: Any)
     ]
 
 
+def test_status_show_and_views_on_a_worker_history(dsn: str, history: Any) -> None:
+    """One history made by a real worker, read three ways (each check says what it checks)."""
+    check_status_shows_queues_states_and_live_workers(dsn, history)
+    check_show_prints_the_task_its_attempts_and_outcome(dsn, history)
+    check_psql_views_have_a_row_per_task_and_per_queue(dsn, history)
+
+
 def test_real_command_exits_non_zero_with_message(dsn: str) -> None:
     """The installed command (a real process) prints `Error: ...` on stderr and exits 1."""
     proc = subprocess.run(
@@ -145,7 +152,7 @@ def test_real_command_exits_non_zero_with_message(dsn: str) -> None:
     assert "Error: no task with id 424242" in proc.stderr
 
 
-def test_psql_views_have_a_row_per_task_and_per_queue(dsn: str, history: Any) -> None:
+def check_psql_views_have_a_row_per_task_and_per_queue(dsn: str, history: Any) -> None:
     """pgidem.task_overview: one row per task with its latest attempt and outcome;
     pgidem.queue_stats: one row per queue with counts by state."""
     with psycopg.connect(dsn, autocommit=True) as c:
@@ -184,11 +191,10 @@ def test_psql_views_have_a_row_per_task_and_per_queue(dsn: str, history: Any) ->
     ],
     ids=["lease", "concurrency", "module", "attribute", "format"],
 )
-def test_worker_refuses_bad_settings_with_a_message(
-    dsn: str, args: list[str], message: str
-) -> None:
-    """`pgidem worker` with a bad setting or app path exits 1 and says what is wrong."""
-    result = CliRunner().invoke(main, ["worker", "--dsn", dsn, *args])
+def test_worker_refuses_bad_settings_with_a_message(args: list[str], message: str) -> None:
+    """`pgidem worker` with a bad setting or app path exits 1 and says what is wrong (before
+    it connects anywhere: the DSN names no database)."""
+    result = CliRunner().invoke(main, ["worker", "--dsn", "dbname=nowhere", *args])
     assert result.exit_code == 1, result.output
     assert message in result.output
 
