@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import itertools
 import os
 import signal
@@ -207,6 +208,7 @@ class Worker:
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
         self._threads: list[threading.Thread] = []
         self._durations: dict[str, float] = {}
+        self._signatures: dict[str, inspect.Signature] = {}
         self._slot_ids = itertools.count()
         self._signals = 0
         self._first_signal_at = 0.0
@@ -625,9 +627,10 @@ class Worker:
         error: BaseException | None = None
         result_json = "null"
         try:
+            self._check_args_fit(registered, ctx, task.args)
             result = registered.fn(ctx, **task.args)
             result_json = dump_json(result, "result")
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit too: a handler must not end its slot
             error = exc
         duration = time.monotonic() - task.started_at
         self._durations[task.task_name] = 0.8 * self._durations.get(task.task_name, duration) + (
@@ -665,6 +668,24 @@ class Worker:
             return ("cancelled" if task.lease.cancelled.is_set() else "fenced"), duration
         conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
         return self._fail(conn, task, registered, error, task_log), duration
+
+    def _check_args_fit(self, registered: Task, ctx: Context, args: dict[str, Any]) -> None:
+        """Raise InvalidInput (no retry: it would fail the same way) when the task's args do
+        not fit the handler's signature."""
+        sig = self._signatures.get(registered.name)
+        if sig is None:
+            try:
+                sig = inspect.signature(registered.fn)
+            except (TypeError, ValueError):  # a callable without one: let the call decide
+                return
+            self._signatures[registered.name] = sig
+        try:
+            sig.bind(ctx, **args)
+        except TypeError as exc:
+            raise InvalidInput(
+                f"the args {sorted(args)} do not fit the handler of {registered.name!r}: {exc}",
+                "args",
+            ) from exc
 
     def _fail(
         self,

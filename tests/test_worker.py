@@ -375,3 +375,26 @@ def test_live_worker_removes_rows_of_workers_gone_silent(
     )
     left = {r[0] for r in rows(dsn, "SELECT id FROM pgidem.workers")}
     assert "recent" in left and len(left) == 2
+
+
+def test_sys_exit_in_a_handler_and_args_that_do_not_fit_fail_only_the_attempt(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
+) -> None:
+    """A handler calling sys.exit() fails its attempt like any exception (it must not end the
+    worker's only slot: the tasks after it still run); args that do not fit the handler's
+    signature fail at once without retry (retrying cannot help)."""
+    exits = app.enqueue("exits", {}, max_attempts=2)
+    misfit = app.enqueue("write", {"n": 1, "colour": "red"})
+    after = app.enqueue_many("write", [{"n": i} for i in range(3)])
+    worker = spawn_worker(dsn, "--concurrency", "1", "--poll-interval", "0.1")
+    wait_all(dsn, 5, timeout=60)
+
+    row = task_row(dsn, exits.id)
+    assert (row["state"], row["attempts"], row["error"]["class"]) == ("dead", 2, "SystemExit")
+    row = task_row(dsn, misfit.id)
+    assert (row["state"], row["attempts"]) == ("dead", 1)
+    assert row["error"]["class"] == "pgidem.errors.InvalidInput"
+    assert "do not fit the handler of 'write'" in row["error"]["message"]
+    assert all(task_row(dsn, i)["state"] == "succeeded" for i in after)
+    assert scalar(dsn, "SELECT count(*) FROM ledger") == 3
+    assert worker.alive()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -130,3 +131,10 @@ def long_running(ctx: pgidem.Context, seconds: float) -> dict[str, Any]:
         ctx.check_lease()
         time.sleep(0.05)
     return {"lease_lost": ctx.lease_lost}
+
+
+@app.task(max_attempts=2)
+def exits(ctx: pgidem.Context) -> None:
+    """Calls sys.exit() (SystemExit, a BaseException) in the worker's slot thread."""
+    _write(ctx, 0)
+    sys.exit(3)
