@@ -214,23 +214,40 @@ def dump_args(args: Mapping[str, Any] | None) -> str:
             f"invalid args: they must be a JSON object (a dict), got {type(args).__name__}",
             "args",
         )
-    return dump_json(args, "args")
+    return dump_json(dict(args), "args")
 
 
 def dump_json(value: Any, what: str) -> str:
-    """Serialise a value to strict JSON (no NaN, no infinity, no NUL bytes).
+    """Serialise a value to strict JSON (no NaN, no infinity, no NUL, valid Unicode).
 
     Raises:
         InvalidInput: the value cannot be stored as jsonb.
     """
     try:
-        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
+        text = json.dumps(value, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
     except ValueError as exc:
-        raise InvalidInput(f"invalid {what}: {exc} (NaN and infinity are not JSON)", what) from exc
+        hint = " (NaN and infinity are not JSON)" if "float" in str(exc) else ""
+        raise InvalidInput(f"invalid {what}: {exc}{hint}", what) from exc
     except TypeError as exc:
         raise InvalidInput(f"invalid {what}: {exc}", what) from exc
-    _check_nul(value, what)
+    _check_unicode(text, what)
+    # Every NUL in a key or string comes out escaped as \u0000: only then walk the value to
+    # tell a real NUL from a backslash followed by "u0000".
+    if "\\u0000" in text:
+        _check_nul(value, what)
     return text
+
+
+def _check_unicode(text: str, field: str) -> None:
+    # A lone surrogate ("\ud800") is a Python str but not Unicode text: neither PostgreSQL's
+    # text nor its jsonb can hold it.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(
+            f"invalid {field}: it is not valid Unicode ({exc.reason} at position {exc.start})",
+            field,
+        ) from None
 
 
 def _check_text(value: str | None, field: str) -> None:
@@ -241,6 +258,7 @@ def _check_text(value: str | None, field: str) -> None:
             )
         if "\x00" in value:
             raise InvalidInput(f"invalid {field}: it contains a NUL byte", field)
+        _check_unicode(value, field)
 
 
 #: The range of PostgreSQL's integer: what the SQL functions' parameters can receive at all.

@@ -23,6 +23,8 @@ from tests.conftest import TEST_DB
 from tests.helpers import ROOT
 
 INJECTION = "x'); DROP TABLE pgidem.tasks; --"
+CIRCULAR: dict[str, Any] = {}
+CIRCULAR["self"] = CIRCULAR
 MIB = 1024 * 1024
 
 
@@ -86,11 +88,15 @@ PYTHON_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("args_nul_in_key", {"args": {"no\x00te": 1}}, "args"),
     ("args_nul_nested", {"args": {"items": [{"sku": "\x00"}]}}, "args"),
     ("args_not_json", {"args": {"when": object()}}, "args"),
+    ("args_circular", {"args": CIRCULAR}, "args"),
+    ("args_lone_surrogate", {"args": {"name": "\ud800"}}, "args"),
+    ("args_lone_surrogate_key", {"args": {"\udc00": 1}}, "args"),
     ("args_over_1_mib", {"args": {"blob": "x" * MIB}}, "args"),
     ("key_nul", {"idempotency_key": "order\x001"}, "idempotency_key"),
     ("key_empty", {"idempotency_key": ""}, "idempotency_key"),
     ("key_too_long", {"idempotency_key": "k" * 256}, "idempotency_key"),
     ("key_not_text", {"idempotency_key": 12}, "idempotency_key"),
+    ("key_lone_surrogate", {"idempotency_key": "order-\ud800"}, "idempotency_key"),
     ("queue_nul", {"queue": "pay\x00ments"}, "queue"),
     ("queue_empty", {"queue": ""}, "queue"),
     ("queue_too_long", {"queue": "q" * 65}, "queue"),
@@ -98,11 +104,13 @@ PYTHON_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("queue_leading_digit", {"queue": "1payments"}, "queue"),
     ("queue_non_ascii", {"queue": "café"}, "queue"),
     ("queue_injection", {"queue": INJECTION}, "queue"),
+    ("queue_lone_surrogate", {"queue": "q\ud800"}, "queue"),
     ("task_nul", {"task": "charge\x00"}, "task_name"),
     ("task_empty", {"task": ""}, "task_name"),
     ("task_too_long", {"task": "t" * 129}, "task_name"),
     ("task_slash", {"task": "billing/charge"}, "task_name"),
     ("task_injection", {"task": INJECTION}, "task_name"),
+    ("task_lone_surrogate", {"task": "charge\ud800"}, "task_name"),
     ("priority_too_high", {"priority": 32768}, "priority"),
     ("priority_too_low", {"priority": -32769}, "priority"),
     ("priority_over_int4", {"priority": 2**40}, "priority"),
@@ -166,6 +174,17 @@ def test_python_enqueue_many_rejects_a_bad_batch_whole(
         shared_app.enqueue_many(task, rows, idempotency_keys=keys, **options)
     assert exc.value.field == field, str(exc.value)
     assert count_tasks(empty_conn) == 0
+
+
+def test_unusual_but_valid_args_are_stored(app: pgidem.App, conn: psycopg.Connection[Any]) -> None:
+    """Non-ASCII text, a literal backslash-u0000 (not a NUL) and a Mapping that is not a dict
+    are fine."""
+    import types
+
+    app.enqueue("charge", {"name": "Zoë 東京 🚀", "escaped": "\\u0000"})
+    app.enqueue("charge", types.MappingProxyType({"n": 1}))
+    rows = conn.execute("SELECT args FROM pgidem.tasks ORDER BY id").fetchall()
+    assert rows == [({"name": "Zoë 東京 🚀", "escaped": "\\u0000"},), ({"n": 1},)]
 
 
 def test_none_args_mean_an_empty_object(app: pgidem.App, conn: psycopg.Connection[Any]) -> None:
