@@ -1274,6 +1274,8 @@ def run(settings: Settings, out: Callable[[str], None] = click.echo) -> Result:
     out(f"server: {target.description} (scratch database {scratch})")
     if target.server is None:
         out(f"server faults: off ({target.why_no_server_faults})")
+    else:
+        out(f"server faults: on (pg_ctl on {target.server.data_dir})")
     started = time.monotonic()
     try:
         with _connect(target.server_dsn) as admin:
