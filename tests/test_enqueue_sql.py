@@ -120,8 +120,19 @@ def test_tasks_without_key_never_dedupe(conn: psycopg.Connection[Any]) -> None:
 
 
 def test_defaults_and_options_are_stored(conn: psycopg.Connection[Any]) -> None:
-    """The documented defaults (args {}, queue default, priority 0, max_attempts 5, run_at now)
-    and explicit options land in the row."""
+    """The signature is the design's; the documented defaults (args {}, queue default,
+    priority 0, max_attempts 5, run_at now) and explicit options land in the row."""
+    signature = conn.execute(
+        "SELECT pg_get_function_arguments(p.oid), pg_get_function_result(p.oid) "
+        "FROM pg_proc p WHERE p.oid = 'pgidem.enqueue'::regproc"
+    ).fetchone()
+    assert signature == (
+        "task_name text, args jsonb DEFAULT '{}'::jsonb, queue text DEFAULT 'default'::text, "
+        "idempotency_key text DEFAULT NULL::text, run_at timestamp with time zone DEFAULT "
+        "NULL::timestamp with time zone, priority integer DEFAULT 0, max_attempts integer "
+        "DEFAULT NULL::integer",
+        "bigint",
+    )
     (plain,) = conn.execute("SELECT pgidem.enqueue('charge')").fetchone() or (None,)
     row = conn.execute(
         "SELECT args, queue, priority, max_attempts, state, attempts, run_at <= now() "
