@@ -24,6 +24,7 @@ from benchlib import (
     exec_sql,
     fetch_floats,
     latency_summary,
+    rss_kib,
     setup_bench_tables,
 )
 
@@ -239,6 +240,65 @@ def add_history(dsn: str, rows: int) -> float:
         "VACUUM ANALYZE pgidem.outcomes",
     )
     return time.perf_counter() - started
+
+
+#: Tasks waiting or running (each count on its partial index).
+PENDING_SQL = (
+    "SELECT (SELECT count(*) FROM pgidem.tasks WHERE state = 'queued')"
+    " + (SELECT count(*) FROM pgidem.tasks WHERE state = 'running')"
+)
+
+
+def run_memory(dsn: str, *, tasks: int, chunk: int = 10_000) -> DrainResult:
+    """One worker with the CLI defaults runs ``tasks`` no-op tasks, fed ``chunk`` at a time
+    whenever fewer than half a chunk wait (a steady backlog, so that the run measures the
+    worker's memory and not the claim's cost on a deep queue); VmRSS sampled every second."""
+    worker = worker_procs(dsn, 1, 4, 16)[0]
+    poller = Poller(dsn)
+    samples: list[tuple[float, int, int]] = []
+    enqueued = 0
+    with pgidem.App(dsn, pool_size=1) as app:
+
+        def feed() -> int:
+            n = min(chunk, tasks - enqueued)
+            app.enqueue_many("noop", [{"n": i} for i in range(n)])
+            return n
+
+        enqueued += feed()
+        try:
+            started = time.perf_counter()
+            worker.start()
+            next_sample = started
+            while True:
+                pending = poller.count(PENDING_SQL)
+                done = enqueued - pending
+                now = time.perf_counter()
+                if now >= next_sample:
+                    kib = rss_kib(worker.pid)
+                    if kib is not None:
+                        samples.append((now - started, done, kib))
+                    next_sample = now + 1.0
+                if done >= tasks:
+                    break
+                if pending < chunk // 2 and enqueued < tasks:
+                    enqueued += feed()
+                if not worker.alive():
+                    raise BenchError(f"memory worker exited:\n{worker.tail()}")
+                if now - started > 900:
+                    raise BenchError(f"memory run not done after 900 s ({done} of {tasks})")
+                time.sleep(0.05)
+            seconds = time.perf_counter() - started
+            kib = rss_kib(worker.pid)
+            if kib is not None:
+                samples.append((seconds, tasks, kib))
+            verified = poller.count(SUCCEEDED_SQL)
+        finally:
+            poller.close()
+            if worker.popen is not None:
+                worker.stop()
+    if verified != tasks:
+        raise BenchError(f"memory run: {verified} tasks succeeded of {tasks}")
+    return DrainResult(tasks, seconds, 0, verified, samples)
 
 
 def rss_summary(result: DrainResult) -> dict[str, Any]:
