@@ -544,11 +544,18 @@ class Worker:
                     # handler that gets stuck holds nothing but its own work.
                     break
                 current = pending.pop(0)
-                if current.lease.lost.is_set() or current.lease.cancelled.is_set():
+                if (
+                    current.lease.lost.is_set()
+                    or current.lease.cancelled.is_set()
+                    or current.lease_until < time.monotonic()
+                ):
                     # Its lease went while it waited its turn in the batch: another worker may
                     # be running it (or it was cancelled). Running it here could only repeat
-                    # its effects; its completion would be refused anyway.
+                    # its effects; its completion would be refused anyway. Give it back in
+                    # case it is still ours after all (the heartbeat was only late): the
+                    # release is fenced on the token, so it does nothing otherwise.
                     self._finished(current, "skipped", 0.0)
+                    self._release([current])
                     current = None
                     continue
                 outcome, duration = self._run_one(conn, current)

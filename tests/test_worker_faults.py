@@ -88,16 +88,20 @@ def test_sigkilled_worker_tasks_are_rescued_after_the_lease(
 def test_paused_worker_is_fenced_after_another_finished_its_task(
     dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
 ) -> None:
-    """A worker SIGSTOPped mid-handler past its lease; another worker re-claims the task and
-    finishes it; then SIGCONT: the paused worker's completion is refused, its ledger write
-    rolled back, its attempt recorded `fenced`; the outcome carries the winner's token."""
+    """A worker SIGSTOPped mid-handler past its lease; another worker re-claims its tasks and
+    finishes them; then SIGCONT: the paused worker's completion is refused, its ledger write
+    rolled back, its attempt recorded `fenced`; the outcome carries the winner's token. The
+    second task of its batch, which it had not started, it does not run at all."""
     handle = app.enqueue("write", {"n": 1, "sleep": 1.0})
-    paused = spawn_worker(dsn, "--concurrency", "1", "--lease", "1")
+    second = app.enqueue("write", {"n": 2, "sleep": 1.0})
+    paused = spawn_worker(dsn, "--concurrency", "1", "--batch-size", "2", "--lease", "1")
     wait_until(lambda: handlers_in_flight(dsn) == 1, 30, 0.02, "the handler running")
     paused.signal(signal.SIGSTOP)
     loser = task_row(dsn, handle.id)["fencing_token"]
-    winner = spawn_worker(dsn, "--concurrency", "1", "--lease", "1", "--poll-interval", "0.2")
+    unstarted = task_row(dsn, second.id)["fencing_token"]
+    winner = spawn_worker(dsn, "--concurrency", "2", "--lease", "1", "--poll-interval", "0.2")
     handle.result(timeout=60)
+    second.result(timeout=60)
     won = task_row(dsn, handle.id)
     assert won["o_token"] > loser
     paused.signal(signal.SIGCONT)
@@ -108,14 +112,20 @@ def test_paused_worker_is_fenced_after_another_finished_its_task(
 
     wait_until(loser_status, 30, 0.1, "the paused attempt to be recorded fenced")
     paused.wait_for_event("task_fenced", 10)
+    skipped = paused.wait_for_event("task_skipped", 10)
+    assert (skipped["task_id"], skipped["fencing_token"]) == (second.id, unstarted)
     after = task_row(dsn, handle.id)
     assert (after["state"], after["o_token"], after["fencing_token"]) == (
         "succeeded",
         won["o_token"],
         won["o_token"],
     )
-    assert rows(dsn, "SELECT token FROM ledger") == [(won["o_token"],)]
     assert [a["status"] for a in attempts(dsn, handle.id)] == ["fenced", "succeeded"]
+    assert [a["status"] for a in attempts(dsn, second.id)] == ["lease_expired", "succeeded"]
+    assert rows(dsn, "SELECT task_id, token FROM ledger ORDER BY task_id") == [
+        (handle.id, won["o_token"]),
+        (second.id, task_row(dsn, second.id)["o_token"]),
+    ]
     assert paused.alive() and winner.alive()
 
 
