@@ -12,9 +12,10 @@ end unless ``--keep``):
 2. baseline: ``--claimers`` threads run the worker's claim and fenced completion (the
    ``task_claim`` and ``task_complete`` queries, batches of ``--claim-batch``, one
    completion transaction per batch) for ``--seconds``, without pruning;
-3. pruning: the same claimers run while the pruner (pgidem/_pruner.py, as ``pgidem prune`` and
-   ``pgidem worker --prune-interval`` run it) deletes the old tasks in batches of
-   ``--batch-size``, until it is done;
+3. pruning: the claimers keep running while the pruner (pgidem/_pruner.py, as ``pgidem prune``
+   and ``pgidem worker --prune-interval`` run it) deletes the old tasks in batches of
+   ``--batch-size``, in alternating windows of ``--window`` seconds with and without pruning
+   until it is done (on a shared machine, both kinds of window see the same drift in load);
 4. after: the claimers alone again for ``--seconds``, on the pruned table.
 
 Usage: bench/prune.py [--dsn ADMIN_DSN] [--tasks 1000000] [--seconds 15] [--batch-size 1000]
@@ -177,6 +178,9 @@ def main() -> None:
     parser.add_argument("--queued", type=int, default=300_000, help="fresh tasks to claim")
     parser.add_argument("--seconds", type=float, default=15.0, help="each baseline's length")
     parser.add_argument("--batch-size", type=int, default=1000, help="pruner batch size")
+    parser.add_argument(
+        "--window", type=float, default=5.0, help="seconds per window, pruning or not"
+    )
     parser.add_argument("--claimers", type=int, default=2, help="claiming threads")
     parser.add_argument("--claim-batch", type=int, default=16, help="tasks per claim")
     parser.add_argument("--keep", action="store_true", help="keep the scratch database")
@@ -206,34 +210,78 @@ def main() -> None:
 
         claimers = Claimers(dsn, ns.claimers, ns.claim_batch)
         baseline = measure(claimers, ns.seconds)
-        print(f"claim rate without pruning:  {baseline:8.0f} tasks/s", flush=True)
+        print(f"claim rate without pruning, before:  {baseline:8.0f} tasks/s", flush=True)
 
-        # Pruning, with the claimers running for as long as it takes.
+        # Pruning in alternating windows: `--window` seconds with the pruner running, then as
+        # long without, and so on until it is done, with the claimers running throughout. On a
+        # shared, noisy machine this compares like with like: both kinds of window see the
+        # same drift in load and the same amount of history on average.
         def connection() -> psycopg.Connection[Any]:
             return psycopg.connect(dsn, autocommit=True)
 
-        pruner = Pruner(connection, PrunerConfig(older_than=86400.0, batch_size=ns.batch_size))
+        windows: dict[bool, list[tuple[int, float]]] = {True: [], False: []}
+        pruning = threading.Event()
+        finished = threading.Event()
+        totals = {"tasks": 0, "batches": 0, "seconds": 0.0}
+
+        def prune_loop() -> None:
+            while not finished.is_set():
+                if not pruning.wait(0.1):
+                    continue
+                one = Pruner(
+                    connection,
+                    PrunerConfig(older_than=86400.0, batch_size=ns.batch_size, max_batches=1),
+                ).run_once()
+                totals["tasks"] += one.tasks
+                totals["batches"] += one.batches
+                totals["seconds"] += one.seconds
+                if one.complete:
+                    finished.set()
+
+        thread = threading.Thread(target=prune_loop, daemon=True)
+        thread.start()
         claimers.start()
         time.sleep(1.0)
-        start_n, start_t = claimers.count(), time.monotonic()
-        result = pruner.run_once()
-        during_s = time.monotonic() - start_t
-        during = (claimers.count() - start_n) / during_s
+        on = True
+        while True:
+            if on:
+                pruning.set()
+            n0, t0 = claimers.count(), time.monotonic()
+            if on:
+                finished.wait(ns.window)
+            else:
+                time.sleep(ns.window)
+            pruning.clear()
+            windows[on].append((claimers.count() - n0, time.monotonic() - t0))
+            if finished.is_set() and not on:
+                break
+            on = not on if not finished.is_set() else False
         claimers.stop()
+        thread.join(30)
+
+        def rate(ws: list[tuple[int, float]]) -> float:
+            return sum(n for n, _ in ws) / sum(t for _, t in ws)
+
+        during, between = rate(windows[True]), rate(windows[False])
         print(
-            f"claim rate during pruning:   {during:8.0f} tasks/s  "
-            f"({during / baseline:.0%} of the rate without pruning)",
+            f"claim rate during pruning:           {during:8.0f} tasks/s  "
+            f"({len(windows[True])} windows of up to {ns.window:g} s)",
             flush=True,
         )
         print(
-            f"pruned {result.tasks:,} tasks (with attempts and outcomes) in {result.batches} "
-            f"batches of {ns.batch_size} in {result.seconds:.1f} s "
-            f"({result.tasks / result.seconds:,.0f} tasks/s, "
-            f"{result.seconds / result.batches * 1000:.1f} ms a batch)",
+            f"claim rate between pruning windows:  {between:8.0f} tasks/s  "
+            f"({len(windows[False])} windows; during/between = {during / between:.0%})",
+            flush=True,
+        )
+        print(
+            f"pruned {totals['tasks']:,} tasks (with attempts and outcomes) in "
+            f"{totals['batches']} batches of {ns.batch_size}, {totals['seconds']:.1f} s of "
+            f"pruning ({totals['tasks'] / totals['seconds']:,.0f} tasks/s, "
+            f"{totals['seconds'] / totals['batches'] * 1000:.1f} ms a batch)",
             flush=True,
         )
         after = measure(claimers, ns.seconds)
-        print(f"claim rate after pruning:    {after:8.0f} tasks/s", flush=True)
+        print(f"claim rate without pruning, after:   {after:8.0f} tasks/s", flush=True)
         with psycopg.connect(dsn, autocommit=True) as conn:
             left = conn.execute(
                 "SELECT count(*) FROM pgidem.tasks WHERE task_name = 'old'"

@@ -40,15 +40,14 @@ def test_fence_advance_in_a_rolled_back_transaction_does_not_stick(
     assert conn.execute("SELECT token FROM pgidem.fences").fetchone() == (5,)
 
 
-@pytest.mark.parametrize(("resource", "token"), [("", 1), ("x" * 256, 1), ("r", None)])
-def test_fence_advance_rejects_bad_input(
-    conn: psycopg.Connection[Any], resource: str, token: int | None
-) -> None:
-    with pytest.raises(psycopg.Error) as raw:
-        conn.execute("SELECT pgidem.fence_advance(%s, %s)", (resource, token))
-    assert raw.value.sqlstate == "PI002"
-    with pytest.raises(pgidem.InvalidInput, match="invalid fenc"):
-        _store.fence_advance(conn, resource=resource, token=token)  # type: ignore[arg-type]
+def test_fence_advance_rejects_bad_input(conn: psycopg.Connection[Any]) -> None:
+    """An empty or over-long resource, or a NULL token: SQLSTATE PI002 / InvalidInput."""
+    for resource, token in [("", 1), ("x" * 256, 1), ("r", None)]:
+        with pytest.raises(psycopg.Error) as raw:
+            conn.execute("SELECT pgidem.fence_advance(%s, %s)", (resource, token))
+        assert raw.value.sqlstate == "PI002"
+        with pytest.raises(pgidem.InvalidInput, match="invalid fenc"):
+            _store.fence_advance(conn, resource=resource, token=token)  # type: ignore[arg-type]
     assert conn.execute("SELECT count(*) FROM pgidem.fences").fetchone() == (0,)
 
 

@@ -39,10 +39,10 @@ def test_once_in_a_rolled_back_transaction_leaves_the_key_free(
     assert conn.execute("SELECT pgidem.once('k')").fetchone() == (True,)
 
 
-@pytest.mark.parametrize("key", ["", "x" * 256])
-def test_once_rejects_a_bad_key_with_invalid_input(conn: psycopg.Connection[Any], key: str) -> None:
-    with pytest.raises(pgidem.InvalidInput, match="once key"):
-        _store.once_claim(conn, key=key, task_id=None, token=None)
+def test_once_rejects_a_bad_key_with_invalid_input(conn: psycopg.Connection[Any]) -> None:
+    for key in ["", "x" * 256]:
+        with pytest.raises(pgidem.InvalidInput, match="once key"):
+            _store.once_claim(conn, key=key, task_id=None, token=None)
     assert conn.execute("SELECT count(*) FROM pgidem.once_keys").fetchone() == (0,)
 
 

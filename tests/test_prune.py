@@ -117,6 +117,10 @@ def test_prune_batch_deletes_at_most_a_batch_and_prune_counts_once_keys(
         "INSERT INTO pgidem.once_keys (key, created_at)"
         " SELECT 'k' || g, now() - interval '2 days' FROM generate_series(1, 40) g"
     )
+    with pytest.raises(pgidem.InvalidInput, match="batch_size"):
+        _store.prune_batch(conn, older_than_s=None, batch_size=0)
+    with pytest.raises(pgidem.InvalidInput, match="older_than"):
+        _store.prune_batch(conn, older_than_s=-1, batch_size=10)
     assert _store.prune_batch(conn, older_than_s=3600, batch_size=10) == (10, 10)
     calls = 0
     while conn.execute("SELECT pgidem.prune('1 hour', 10)").fetchone() != (0,):
@@ -139,11 +143,7 @@ def test_prune_skips_a_locked_task_instead_of_waiting(dsn: str) -> None:
         assert _store.prune_batch(conn, older_than_s=3600, batch_size=10) == (1, 0)
 
 
-def test_bad_prune_settings_are_invalid_input(conn: psycopg.Connection[Any]) -> None:
-    with pytest.raises(pgidem.InvalidInput, match="batch_size"):
-        _store.prune_batch(conn, older_than_s=None, batch_size=0)
-    with pytest.raises(pgidem.InvalidInput, match="older_than"):
-        _store.prune_batch(conn, older_than_s=-1, batch_size=10)
+def test_bad_pruner_settings_and_durations_are_invalid_input() -> None:
     with pytest.raises(pgidem.InvalidInput, match="pruner setting"):
         PrunerConfig(batch_size=0).validate()
     with pytest.raises(pgidem.InvalidInput, match="invalid duration"):
