@@ -254,3 +254,15 @@ def test_in_process_pruner_thread_stops_with_the_worker(dsn: str) -> None:
         timeout=10,
         message="the pruner thread to end",
     )
+
+
+def test_bad_worker_prune_settings_are_refused_before_anything_runs() -> None:
+    """Out-of-range pruner settings on a Worker, or a bad --prune-interval, are InvalidInput /
+    a clear CLI error; nothing connects."""
+    for setting in ({"prune_interval": -1}, {"prune_batch_size": 0}, {"prune_older_than": -5}):
+        with pytest.raises(pgidem.InvalidInput, match="prune"):
+            pgidem.Worker(effects_app.app, **setting)
+    result = CliRunner().invoke(
+        main, ["worker", "--app", "tests.apps.effects_app:app", "--prune-interval", "soon"]
+    )
+    assert result.exit_code == 1 and "invalid duration 'soon'" in result.output
