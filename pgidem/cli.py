@@ -160,6 +160,14 @@ def migrate(dsn: str | None) -> None:
     help="Seconds to let running handlers finish on SIGTERM.",
 )
 @click.option(
+    "--commit-interval",
+    default=0.05,
+    show_default=True,
+    type=float,
+    help="Seconds a completion transaction may stay open to take in more quick tasks of its "
+    "batch before it commits (one commit per batch).",
+)
+@click.option(
     "--prune-interval",
     default="0",
     show_default=True,
@@ -194,6 +202,7 @@ def worker(
     poll_interval: float,
     batch_size: int,
     grace_period: float,
+    commit_interval: float,
     prune_interval: str,
     prune_batch_size: int,
     prune_older_than: str | None,
@@ -221,6 +230,7 @@ def worker(
             poll_interval=poll_interval,
             batch_size=batch_size,
             grace_period=grace_period,
+            commit_interval=commit_interval,
             prune_interval=parse_duration(prune_interval),
             prune_batch_size=prune_batch_size,
             prune_older_than=None if prune_older_than is None else parse_duration(prune_older_than),

@@ -539,9 +539,13 @@ class Worker:
                 if done and (
                     task.timeout is not None
                     or time.monotonic() - opened >= self.config.commit_interval
+                    or self._durations.get(task.task_name, float("inf"))
+                    > self.config.commit_interval
                 ):
-                    # Commit what is done before a task with a time limit starts, so that a
-                    # handler that gets stuck holds nothing but its own work.
+                    # Commit what is done before a task with a time limit, or one not known to
+                    # be quick, starts: a handler that runs long (or gets stuck) must hold
+                    # back nothing but its own work (the rows of completed tasks stay locked,
+                    # and their writes invisible, until this transaction commits).
                     break
                 current = pending.pop(0)
                 if (

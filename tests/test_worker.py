@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -250,24 +251,50 @@ def test_one_bad_task_in_a_batch_does_not_affect_the_others(
     dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
 ) -> None:
     """Tasks claimed as one batch complete in one transaction with a savepoint each: a task
-    that raises, one that returns a non-JSON value and one that leaves its transaction in error
-    roll back alone; the others commit their writes once, and the worker keeps running."""
-    conn_ids = []
-    conn_ids += app.enqueue_many("write", [{"n": i} for i in range(5)])
-    failing = app.enqueue("always_fails", {"n": 99}, max_attempts=1).id
-    bad = app.enqueue("bad_result", {}).id
-    conn_ids += app.enqueue_many("write", [{"n": i} for i in range(5, 10)])
-    worker = spawn_worker(dsn, "--concurrency", "1")
-    wait_all(dsn, 12, timeout=30)
+    that raises and one that returns a non-JSON value roll back alone; the others in the same
+    transaction commit their writes once, and the worker keeps running."""
+    # A first round, so that the worker knows these handlers are quick (a handler not known
+    # to be quick gets a transaction of its own).
+    warm = [app.enqueue("write", {"n": -1}).id]
+    warm.append(app.enqueue("always_fails", {"n": -1}, max_attempts=1).id)
+    warm.append(app.enqueue("bad_result", {}).id)
+    worker = spawn_worker(
+        dsn, "--concurrency", "1", "--poll-interval", "0.1", "--commit-interval", "5"
+    )
+    wait_all(dsn, 3, timeout=30)
 
-    assert states(dsn) == {"succeeded": 10, "dead": 2}
+    # Then one batch, all runnable at the same instant, and a long commit interval.
+    at = datetime.now(UTC) + timedelta(seconds=1.5)
+    ids = app.enqueue_many("write", [{"n": i} for i in range(5)], run_at=at)
+    failing = app.enqueue("always_fails", {"n": 99}, max_attempts=1, run_at=at).id
+    bad = app.enqueue("bad_result", {}, run_at=at).id
+    ids += app.enqueue_many("write", [{"n": i} for i in range(5, 10)], run_at=at)
+    wait_all(dsn, 15, timeout=30)
+
+    assert states(dsn) == {"succeeded": 11, "dead": 4}
     assert task_row(dsn, failing)["state"] == "dead"
     assert task_row(dsn, bad)["state"] == "dead"
-    assert scalar(dsn, "SELECT count(*) FROM ledger") == 10
-    assert {r[0] for r in rows(dsn, "SELECT task_id FROM ledger")} == set(conn_ids)
-    # They were one batch: one worker, one slot, every claim token consecutive.
-    tokens = [r[0] for r in rows(dsn, "SELECT fencing_token FROM pgidem.tasks ORDER BY id")]
+    assert scalar(dsn, "SELECT count(*) FROM ledger WHERE n >= 0") == 10
+    assert {r[0] for r in rows(dsn, "SELECT task_id FROM ledger WHERE n >= 0")} == set(ids)
+    # They were one claim (consecutive tokens) and shared a completion transaction: the
+    # attempts of the failing task and of its neighbours finished at one transaction time.
+    batch = [*ids[:5], failing, bad, *ids[5:]]
+    tokens = [task_row(dsn, i)["fencing_token"] for i in batch]
     assert tokens == list(range(tokens[0], tokens[0] + 12))
+    finished = rows(
+        dsn,
+        "SELECT count(DISTINCT finished_at) FROM pgidem.attempts WHERE task_id = ANY(%s)",
+        (batch,),
+    )[0][0]
+    assert finished < 12
+    together = rows(
+        dsn,
+        "SELECT count(*) FROM pgidem.attempts a WHERE a.task_id = %s AND EXISTS"
+        " (SELECT 1 FROM pgidem.attempts b WHERE b.task_id = ANY(%s) AND b.status = 'succeeded'"
+        "  AND b.finished_at = a.finished_at)",
+        (failing, ids),
+    )[0][0]
+    assert together == 1, "the failing task shared no transaction with a succeeding one"
     assert worker.alive()
 
 
