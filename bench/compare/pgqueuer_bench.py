@@ -111,8 +111,15 @@ async def cmd_worker(dsn: str, batch: int) -> dict[str, Any]:
     from pgqueuer.queries import Queries
 
     conn = await asyncpg.connect(dsn)
+
+    async def no_reset(conn: Any) -> None:
+        # asyncpg's default reset on release (RESET ALL, UNLISTEN *, ...) is one more
+        # transaction per write; the handlers change no session state, so skip it: PgQueuer's
+        # best setting, one commit per handler write.
+        pass
+
     # The handlers' own connections: each write commits on its own (autocommit).
-    pool = await asyncpg.create_pool(dsn, min_size=2, max_size=10)
+    pool = await asyncpg.create_pool(dsn, min_size=2, max_size=10, reset=no_reset)
     qm = QueueManager(Queries(AsyncpgDriver(conn)))
 
     @qm.entrypoint("noop")
