@@ -300,3 +300,94 @@ def test_claim_skips_a_limited_queue_it_did_not_lock(conn: psycopg.Connection[An
     with conn.transaction():
         got = _store.task_claim(conn, locked=_store.queue_limits_lock(conn, ["lim"]), **claim)  # type: ignore[arg-type]
     assert got == []
+
+
+def test_concurrent_claimers_never_take_more_than_the_room(dsn: str, conn: Any) -> None:
+    """Eight connections claim from a queue limited to 3 running, all at once, through the
+    worker's path (READ COMMITTED transaction, limit-row lock, claim), five rounds each without
+    finishing anything: exactly 3 tasks are claimed in all. Raising the limit to 5 lets exactly
+    2 more be claimed."""
+    from pgidem import _store
+
+    conn.execute(
+        "SELECT count(*) FROM pgidem.enqueue_many('t', array_fill('{}'::jsonb, ARRAY[40]), 'lim')"
+    )
+    conn.execute("SELECT pgidem.set_queue_limit('lim', 3)")
+    barrier = threading.Barrier(8)
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def claimer() -> None:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            barrier.wait()
+            for _ in range(5):
+                _store.claim_begin(c)
+                got = _store.task_claim(
+                    c,
+                    worker_id=f"w{threading.get_ident()}",
+                    queues=["lim"],
+                    task_names=["t"],
+                    limit=2,
+                    lease_s=30,
+                    locked=_store.queue_limits_lock(c, ["lim"]),
+                )
+                c.commit()
+                with lock:
+                    claimed.extend(r["id"] for r in got)
+
+    def race() -> None:
+        threads = [threading.Thread(target=claimer) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+
+    race()
+    assert len(claimed) == 3 and len(set(claimed)) == 3
+    conn.execute("SELECT pgidem.set_queue_limit('lim', 5)")
+    race()
+    assert len(claimed) == 5 and len(set(claimed)) == 5
+    assert conn.execute("SELECT count(*) FROM pgidem.tasks WHERE state = 'running'").fetchone() == (
+        5,
+    )
+
+
+def test_a_claim_waits_for_the_claim_holding_the_queue_lock(dsn: str, conn: Any) -> None:
+    """The race a count without the lock would lose, made deterministic: claim A takes 2 of a
+    queue limited to 3 and has not committed; claim B then waits on the limit row instead of
+    counting A's uncommitted claims as free room (its snapshot would show none of them
+    running), and after A commits gets exactly the 1 left."""
+    from pgidem import _store
+
+    conn.execute(
+        "SELECT count(*) FROM pgidem.enqueue_many('t', array_fill('{}'::jsonb, ARRAY[10]), 'lim')"
+    )
+    conn.execute("SELECT pgidem.set_queue_limit('lim', 3)")
+    args: dict[str, Any] = dict(queues=["lim"], task_names=["t"], limit=3, lease_s=30)
+    got_b: list[Any] = []
+    with psycopg.connect(dsn, autocommit=True) as a, psycopg.connect(dsn, autocommit=True) as b:
+        _store.claim_begin(a)
+        got_a = _store.task_claim(
+            a, worker_id="a", locked=_store.queue_limits_lock(a, ["lim"]), **{**args, "limit": 2}
+        )
+        assert len(got_a) == 2
+
+        def claim_b() -> None:
+            _store.claim_begin(b)
+            got_b.extend(
+                _store.task_claim(
+                    b, worker_id="b", locked=_store.queue_limits_lock(b, ["lim"]), **args
+                )
+            )
+            b.commit()
+
+        thread = threading.Thread(target=claim_b)
+        thread.start()
+        thread.join(1.0)
+        assert thread.is_alive(), "B should wait for A's lock on the limit row"
+        a.commit()
+        thread.join(30)
+    assert len(got_b) == 1
+    assert conn.execute("SELECT count(*) FROM pgidem.tasks WHERE state = 'running'").fetchone() == (
+        3,
+    )
