@@ -684,10 +684,16 @@ def table(result: dict[str, Any]) -> str:
     )
 
     lines.append("")
-    lines.append("Every drain (wall time from starting the worker processes until none is left):")
+    lines.append(
+        "Every drain (wall time from starting the worker processes until none is left; CPU of "
+        "the worker processes and of the backends serving them):"
+    )
     lines.append("")
-    lines.append("| system | task | setting | tasks | s | jobs/s | x pgbench | commits/task |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append(
+        "| system | task | setting | tasks | s | jobs/s | x pgbench | commits/task "
+        "| worker CPU ms/task | server CPU ms/task |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for name, s in (("pgidem", p), ("PgQueuer", pgq), ("Procrastinate", proc)):
         if s is None:
             continue
@@ -695,7 +701,8 @@ def table(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {d['task']} | {d['setting']} | {d['tasks']:,} | {d['seconds']:.2f} "
                 f"| {_fmt(d['jobs_per_s'])} | {_fmt(_ratio(d['jobs_per_s'], tps), 2)} "
-                f"| {d['commits_per_task']:.3f} |"
+                f"| {d['commits_per_task']:.3f} | {d['client_cpu_ms_per_task']:.3f} "
+                f"| {d['server_cpu_ms_per_task']:.3f} |"
             )
 
     lines.append("")
