@@ -475,6 +475,37 @@ def external_latency(admin_dsn: str, sizes: Sizes) -> dict[str, Any] | None:
     }
 
 
+def run_extras(admin_dsn: str, sizes: Sizes) -> dict[str, str]:
+    """The other engineers' separate benchmarks (pruning under load, the cost of queue limits),
+    run as they are; their printed output goes into the report verbatim."""
+    small = sizes is not FULL
+    extras = {
+        "prune.py": [
+            "--dsn",
+            admin_dsn,
+            "--tasks",
+            "20000" if small else "200000",
+            "--seconds",
+            "1" if small else "5",
+            "--window",
+            "1" if small else "3",
+        ],
+        "claim_limits.py": [
+            "--dsn",
+            admin_dsn,
+            "--tasks",
+            "2000" if small else "20000",
+            "--seconds",
+            "0.5" if small else "1",
+        ],
+    }
+    out: dict[str, str] = {}
+    for script, args in extras.items():
+        text = _external(script, *args)
+        out[script] = text.strip() if text is not None else "(missing or failed)"
+    return out
+
+
 # -- competitors ---------------------------------------------------------------------------------
 
 
@@ -713,6 +744,8 @@ def table(result: dict[str, Any]) -> str:
     for t in result["targets"]:
         met = {True: "yes", False: "NO", None: "not measured"}[t["met"]]
         lines.append(f"| {t['target']} | {_fmt(t['measured'], 3)} | {t['wanted']} | {met} |")
+    for script, text in result.get("extras", {}).items():
+        lines += ["", f"bench/{script}:", "", "```", text, "```"]
     return "\n".join(lines)
 
 
@@ -735,6 +768,11 @@ def main(argv: list[str] | None = None) -> int:
         "--compare", action="store_true", help="also run PgQueuer and Procrastinate"
     )
     parser.add_argument("--no-pgbench", action="store_true", help="skip pgbench")
+    parser.add_argument(
+        "--extras",
+        action="store_true",
+        help="also run bench/prune.py and bench/claim_limits.py (their output verbatim)",
+    )
     parser.add_argument(
         "--ref",
         help="benchmark pgidem as committed at this git ref (a snapshot), not the working tree",
@@ -768,6 +806,8 @@ def main(argv: list[str] | None = None) -> int:
     result["pgidem"] = bench_pgidem(args.dsn, sizes, args.quick)
     if args.compare:
         result["compare"] = bench_competitors(args.dsn, sizes)
+    if args.extras:
+        result["extras"] = run_extras(args.dsn, sizes)
     if not args.no_pgbench and sizes is FULL:
         log(f"pgbench again, {sizes.pgbench_s} s")
         result["pgbench_after"] = run_pgbench(args.dsn, sizes.pgbench_s)
