@@ -52,7 +52,7 @@ def round_trips(conn: psycopg.Connection[Any]) -> Iterator[Callable[[], int]]:
 
 @contextmanager
 def scratch_database(admin: str) -> Iterator[str]:
-    name = f"pgidem_bench_enqueue_{os.getpid()}"
+    name = f"pgidem_enqueue_scratch_{os.getpid()}"
     with psycopg.connect(admin, autocommit=True) as c:
         c.execute(f'DROP DATABASE IF EXISTS "{name}"')
         c.execute(f'CREATE DATABASE "{name}"')
