@@ -58,11 +58,16 @@ def admin_connect(admin_dsn: str) -> psycopg.Connection[Any]:
     return psycopg.connect(admin_dsn, autocommit=True)
 
 
+#: Every scratch database this process created (the report lists them; all are dropped).
+CREATED: list[str] = []
+
+
 @contextlib.contextmanager
 def scratch_db(admin_dsn: str, label: str, keep: bool = False) -> Iterator[str]:
     """Create a database of our own (``pgidem_bench_<label>_<random>``), yield its DSN, and drop
     it afterwards (unless ``keep``). Never touches a database it did not create."""
     name = f"pgidem_bench_{label}_{uuid.uuid4().hex[:8]}"
+    CREATED.append(name)
     with admin_connect(admin_dsn) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:

@@ -814,6 +814,9 @@ def main(argv: list[str] | None = None) -> int:
     result["load_after"] = load_average()
     result["duration_s"] = round(time.monotonic() - t0, 1)
     result["targets"] = targets(result)
+    import benchlib
+
+    result["scratch_databases"] = list(benchlib.CREATED)
     text = table(result)
     print(text)
     print(f"\n(took {result['duration_s']} s)")

@@ -16,12 +16,12 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _bench_databases(server_dsn: str) -> set[str]:
+def _existing(server_dsn: str, names: list[str]) -> list[str]:
     with psycopg.connect(server_dsn, autocommit=True) as conn:
         rows = conn.execute(
-            "SELECT datname FROM pg_database WHERE datname LIKE 'pgidem\\_bench\\_%'"
+            "SELECT datname FROM pg_database WHERE datname = ANY(%s)", (names,)
         ).fetchall()
-    return {r[0] for r in rows}
+    return [r[0] for r in rows]
 
 
 def test_bench_smoke_runs_every_section_and_drops_its_databases(
@@ -30,7 +30,6 @@ def test_bench_smoke_runs_every_section_and_drops_its_databases(
     """`bench/run.py --smoke --no-pgbench` exits 0 and writes a JSON result whose sections all
     hold figures; the write_row drain wrote exactly one row per task; no scratch database is
     left behind."""
-    before = _bench_databases(server_dsn)
     out = tmp_path / "result.json"
     proc = subprocess.run(
         [
@@ -62,4 +61,6 @@ def test_bench_smoke_runs_every_section_and_drops_its_databases(
     assert p["rss"]["end_kib"] > 0
     assert [t["target"] for t in result["targets"]]
     assert "| figure | pgidem |" in proc.stdout
-    assert _bench_databases(server_dsn) <= before
+    created = result["scratch_databases"]
+    assert created and all(name.startswith("pgidem_bench_") for name in created)
+    assert _existing(server_dsn, created) == []
