@@ -206,14 +206,17 @@ def attempt_finish_unfenced(
 
 def lease_extend(
     conn: Conn, *, task_ids: Sequence[int], tokens: Sequence[int], lease_s: float
-) -> dict[int, tuple[bool, bool]]:
-    """Extend leases; return token -> (still current, cancelled)."""
+) -> dict[int, tuple[bool, bool, bool]]:
+    """Extend leases; return token -> (still current, cancelled, extended)."""
     rows = _all(
         conn,
         "lease_extend",
         {"task_ids": list(task_ids), "tokens": list(tokens), "lease_s": lease_s},
     )
-    return {int(r["token"]): (bool(r["current"]), bool(r["cancelled"])) for r in rows}
+    return {
+        int(r["token"]): (bool(r["current"]), bool(r["cancelled"]), bool(r["extended"]))
+        for r in rows
+    }
 
 
 def lease_release(conn: Conn, *, task_ids: Sequence[int], tokens: Sequence[int]) -> int:

@@ -910,8 +910,8 @@ class Worker:
                 lease_s=self.config.lease,
             )
             for task in held:
-                current, cancelled = states.get(task.token, (False, False))
-                if current:
+                current, cancelled, extended = states.get(task.token, (False, False, False))
+                if extended:
                     task.lease_until = sent_at + self.config.lease
                 # A task whose attempt ended while the statement ran is not lost: only one
                 # this worker still holds can be.

@@ -278,8 +278,9 @@ UPDATE pgidem.attempts
 -- The heartbeat: extend every lease this worker holds in one statement, only where the token is
 -- still current and the task still running. SKIP LOCKED because a row locked by this worker's own
 -- open completion transaction must not make the heartbeat wait (or deadlock with it); such a
--- row is still ours. Returns each token with `current` (false: the lease is lost) and
--- `cancelled` (the task was cancelled while this claim ran it).
+-- row is still ours. Returns each token with `current` (false: the lease is lost),
+-- `cancelled` (the task was cancelled while this claim ran it) and `extended` (its lease was
+-- moved: false for a row skipped as locked).
 WITH wanted AS (
     SELECT w.id, w.token
       FROM unnest(%(task_ids)s::bigint[], %(tokens)s::bigint[]) AS w(id, token)
@@ -297,7 +298,8 @@ WITH wanted AS (
 )
 SELECT w.token,
        coalesce(t.fencing_token = w.token AND t.state = 'running', false) AS current,
-       coalesce(t.fencing_token = w.token AND t.state = 'cancelled', false) AS cancelled
+       coalesce(t.fencing_token = w.token AND t.state = 'cancelled', false) AS cancelled,
+       w.id IN (SELECT id FROM extended) AS extended
   FROM wanted w
   LEFT JOIN pgidem.tasks t ON t.id = w.id;
 
