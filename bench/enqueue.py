@@ -12,6 +12,7 @@ assumed.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import structlog
 from psycopg import pq
 from psycopg.conninfo import make_conninfo
 
@@ -117,6 +119,8 @@ def main() -> int:
     parser.add_argument("--one", type=int, default=2_000, help="tasks enqueued one at a time")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     opts = parser.parse_args()
+    # Figures only: pgidem's info log lines (database_selected) would interleave with them.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     admin = (
         opts.dsn
         or os.environ.get("PGIDEM_DSN")
