@@ -91,7 +91,7 @@ def bench_bulk(dsn: str, n: int, batch_size: int, label: str, keys_prefix: str |
         per_batch = (trips() - 2) / batches
         print(
             f"{label:<44} {n / seconds:>10,.0f} tasks/s  {seconds:6.2f} s  "
-            f"{batches} batches of {batch_size}, {trips()} round trips "
+            f"{batches} batch(es) of up to {batch_size}, {trips()} round trips "
             f"(BEGIN + {per_batch:g} per batch + COMMIT)"
         )
 
