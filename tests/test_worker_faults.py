@@ -4,6 +4,7 @@ a server down at start, SIGTERM (graceful) and a second signal (immediate), pois
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from typing import Any
@@ -325,3 +326,92 @@ def test_connection_dropped_during_commit_leaves_the_outcome_to_the_next_claim(
         expected = ["lease_expired", "succeeded"] if task_id in unknown else ["succeeded"]
         assert [a["status"] for a in attempts(dsn, task_id)] == expected, task_id
     assert worker.alive()
+
+
+class CommitAckDropper:
+    """A TCP proxy in front of PostgreSQL that, the first time a client sends COMMIT, passes it
+    on, lets the server commit, and then cuts the connection before the reply comes back: the
+    client cannot know that its transaction committed."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import socket
+        import threading
+
+        self.upstream = (host, port)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.fired = threading.Event()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream)
+            for src, dst, watch in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(
+                    target=self._pump, args=(src, dst, watch, client, upstream), daemon=True
+                ).start()
+
+    def _pump(self, src: Any, dst: Any, watch: bool, client: Any, upstream: Any) -> None:
+        try:
+            while data := src.recv(65536):
+                cut = False
+                if watch and b"COMMIT" in data:
+                    with self._lock:
+                        cut = not self.fired.is_set()
+                        self.fired.set()
+                if cut:
+                    # Reply withheld: stop passing the server's bytes back, then hang up.
+                    client.shutdown(2)
+                    upstream.sendall(data)
+                    time.sleep(0.5)  # the server commits meanwhile
+                    upstream.close()
+                    client.close()
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (client, upstream):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_commit_whose_reply_is_lost_is_never_committed_twice(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
+) -> None:
+    """The worker's COMMIT reaches the server and commits, but the reply is lost (the proxy
+    cuts the connection): the worker logs `task_outcome_unknown` and does not run or commit
+    those tasks again; their outcomes, ledger rows and attempts stand exactly once."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(dsn)
+    proxy = CommitAckDropper(
+        str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432)
+    )
+    try:
+        proxied = make_conninfo(
+            **{**params, "host": "127.0.0.1", "port": proxy.port, "sslmode": "disable"}
+        )
+        ids = app.enqueue_many("write", [{"n": i} for i in range(5)])
+        worker = spawn_worker(proxied, "--concurrency", "1", "--lease", "1")
+        wait_all(dsn, 5, timeout=60)
+        assert proxy.fired.is_set()
+        unknown = worker.wait_for_event("task_outcome_unknown", 10)
+        assert unknown["task_id"] in ids
+        time.sleep(2.5)  # past the lease: nothing may be rescued or run again
+        assert_once_per_task(dsn)
+        assert scalar(dsn, "SELECT count(*) FROM pgidem.attempts") == 5
+        assert worker.alive()
+    finally:
+        proxy.close()
