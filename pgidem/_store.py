@@ -493,3 +493,44 @@ def task_enqueue_keyed(
 def task_control(conn: Conn, task_id: int) -> dict[str, Any] | None:
     """A task's concurrency key and its queue's limits."""
     return _one(conn, "task_control", {"task_id": task_id})
+
+
+def key_retention(conn: Conn) -> float:
+    """The database's key retention (``pgidem.key_retention``), in seconds."""
+    row = _one(conn, "key_retention")
+    assert row is not None
+    return float(row["seconds"])
+
+
+def schedule_upsert(
+    conn: Conn,
+    *,
+    name: str,
+    task_name: str,
+    cron: str,
+    timezone: str,
+    queue: str,
+    last_tick: datetime | None,
+    last_task_id: int | None,
+    next_tick: datetime | None,
+) -> None:
+    """Record a periodic schedule in ``pgidem.schedules`` (last_tick only moves forward)."""
+    execute(
+        conn,
+        "schedule_upsert",
+        {
+            "name": name,
+            "task_name": task_name,
+            "cron": cron,
+            "timezone": timezone,
+            "queue": queue,
+            "last_tick": last_tick,
+            "last_task_id": last_task_id,
+            "next_tick": next_tick,
+        },
+    )
+
+
+def schedule_list(conn: Conn) -> list[dict[str, Any]]:
+    """The periodic schedules recorded by schedulers (``pgidem.schedules``)."""
+    return _all(conn, "schedule_list")

@@ -340,11 +340,49 @@ DELETE FROM pgidem.workers WHERE id = %(worker_id)s;
 DELETE FROM pgidem.workers WHERE heartbeat_at < now() - make_interval(secs => %(age_s)s);
 
 -- name: next_run_at
--- When the earliest scheduled task of these queues becomes runnable (the worker sleeps until
--- then instead of polling every row). Uses the tasks_claimable index.
-SELECT min(run_at) AS run_at
-  FROM pgidem.tasks
- WHERE state = 'queued' AND queue = ANY(%(queues)s::text[]) AND run_at > now();
+-- When the earliest scheduled task of these queues becomes runnable (an idle worker sleeps
+-- until then, or a NOTIFY, instead of polling). One probe of tasks_scheduled (queue, run_at)
+-- per queue, reading one entry each: `queue = ANY(...)` with min(run_at) would read every
+-- queued row of those queues (tasks_claimable orders by priority first).
+SELECT min(n.run_at) AS run_at
+  FROM unnest(%(queues)s::text[]) AS q(queue)
+  CROSS JOIN LATERAL (
+      SELECT t.run_at
+        FROM pgidem.tasks t
+       WHERE t.state = 'queued' AND t.queue = q.queue AND t.run_at > now()
+       ORDER BY t.run_at
+       LIMIT 1
+  ) n;
+
+-- name: key_retention
+-- The database's key retention (pgidem.key_retention, 7 days when unset), in seconds: the
+-- scheduler never catches up a tick older than this (its task may have been pruned).
+SELECT extract(epoch FROM pgidem.key_retention())::float8 AS seconds;
+
+-- name: schedule_upsert
+-- A scheduler records a periodic schedule it runs (pgidem.schedules, for people). One statement
+-- per schedule, so several schedulers never deadlock; last_tick (and its task) only moves
+-- forward, whichever scheduler writes last.
+INSERT INTO pgidem.schedules AS s (name, task_name, cron, timezone, queue, last_tick,
+                                   last_task_id, next_tick, updated_at)
+VALUES (%(name)s, %(task_name)s, %(cron)s, %(timezone)s, %(queue)s, %(last_tick)s,
+        %(last_task_id)s, %(next_tick)s, now())
+ON CONFLICT (name) DO UPDATE
+   SET task_name = EXCLUDED.task_name, cron = EXCLUDED.cron, timezone = EXCLUDED.timezone,
+       queue = EXCLUDED.queue,
+       last_tick = CASE WHEN s.last_tick IS NULL OR EXCLUDED.last_tick > s.last_tick
+                        THEN EXCLUDED.last_tick ELSE s.last_tick END,
+       last_task_id = CASE WHEN s.last_tick IS NULL OR EXCLUDED.last_tick > s.last_tick
+                           THEN EXCLUDED.last_task_id ELSE s.last_task_id END,
+       next_tick = greatest(s.next_tick, EXCLUDED.next_tick),
+       updated_at = now();
+
+-- name: schedule_list
+-- The periodic schedules for `pgidem status`, with how long ago a scheduler last recorded each.
+SELECT name, task_name, cron, timezone, queue, last_tick, last_task_id, next_tick,
+       extract(epoch FROM now() - updated_at)::float8 AS updated_age_s
+  FROM pgidem.schedules
+ ORDER BY name;
 
 -- name: task_cancel
 SELECT pgidem.cancel(%(task_id)s) AS previous;

@@ -144,9 +144,9 @@ BEGIN
         ON CONFLICT (task_name, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
         RETURNING id INTO new_id;
         IF new_id IS NOT NULL THEN
-            IF enqueue.run_at IS NULL OR enqueue.run_at <= now() THEN
-                PERFORM pg_notify('pgidem', enqueue.queue);
-            END IF;
+            -- A delayed task notifies too: an idle worker then recomputes when to wake up
+            -- (next_run_at) instead of sleeping out its poll interval.
+            PERFORM pg_notify('pgidem', enqueue.queue);
             RETURN new_id;
         END IF;
         SELECT t.id, t.args INTO new_id, existing_args
@@ -307,9 +307,8 @@ BEGIN
         EXIT WHEN array_position(ids, NULL) IS NULL;
         -- A conflicting task was pruned between the INSERT and the lookup: try those again.
     END LOOP;
-    IF enqueue_many.run_at IS NULL OR enqueue_many.run_at <= now() THEN
-        PERFORM pg_notify('pgidem', enqueue_many.queue);
-    END IF;
+    -- Delayed tasks notify too (see pgidem.enqueue above).
+    PERFORM pg_notify('pgidem', enqueue_many.queue);
     RETURN QUERY SELECT r.i, r.id FROM unnest(ids) WITH ORDINALITY AS r(id, i);
 END
 $$;
@@ -639,6 +638,19 @@ CREATE VIEW pgidem.queue_stats AS
           GROUP BY t.queue) s
      FULL JOIN pgidem.queue_limits l ON ((l.queue = s.queue)));
 
+CREATE TABLE pgidem.schedules (
+    name text NOT NULL,
+    task_name text NOT NULL,
+    cron text NOT NULL,
+    timezone text NOT NULL,
+    queue text NOT NULL,
+    last_tick timestamp with time zone,
+    last_task_id bigint,
+    next_tick timestamp with time zone,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT schedules_name_length CHECK (((length(name) >= 1) AND (length(name) <= 200)))
+);
+
 CREATE TABLE pgidem.step_calls (
     id bigint NOT NULL,
     task_id bigint NOT NULL,
@@ -729,7 +741,8 @@ CREATE VIEW pgidem.task_overview AS
     o.state AS outcome_state,
     o.result,
     o.error AS outcome_error,
-    t.args
+    t.args,
+    t.concurrency_key
    FROM ((pgidem.tasks t
      LEFT JOIN LATERAL ( SELECT a.status,
             a.worker_id,
@@ -779,6 +792,9 @@ ALTER TABLE ONLY pgidem.outcomes
 ALTER TABLE ONLY pgidem.queue_limits
     ADD CONSTRAINT queue_limits_pkey PRIMARY KEY (queue);
 
+ALTER TABLE ONLY pgidem.schedules
+    ADD CONSTRAINT schedules_pkey PRIMARY KEY (name);
+
 ALTER TABLE ONLY pgidem.step_calls
     ADD CONSTRAINT step_calls_pkey PRIMARY KEY (id);
 
@@ -809,6 +825,8 @@ CREATE INDEX tasks_lease_expiry ON pgidem.tasks USING btree (lease_expires_at) W
 
 CREATE INDEX tasks_running_key ON pgidem.tasks USING btree (queue, concurrency_key) WHERE ((state = 'running'::text) AND (concurrency_key IS NOT NULL));
 
+CREATE INDEX tasks_scheduled ON pgidem.tasks USING btree (queue, run_at) WHERE (state = 'queued'::text);
+
 ALTER TABLE ONLY pgidem.attempts
     ADD CONSTRAINT attempts_task_id_fkey FOREIGN KEY (task_id) REFERENCES pgidem.tasks(id) ON DELETE CASCADE;
 
@@ -825,4 +843,5 @@ ALTER TABLE ONLY pgidem.steps
 INSERT INTO pgidem.migrations (version, name) VALUES
     (1, 'initial'),
     (2, 'effects'),
-    (3, 'control');
+    (3, 'control'),
+    (4, 'scheduling');
