@@ -274,6 +274,24 @@ def _check_int(value: Any, field: str) -> None:
         raise InvalidInput(f"invalid {field} {value}: out of range", field)
 
 
+def _check_timeout(timeout: Any) -> None:
+    """A task's timeout: None, or a number of seconds in (0, MAX_DELAY_S]."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise InvalidInput(
+            f"invalid timeout {timeout!r}: expected a number of seconds greater than 0 and at "
+            f"most {MAX_DELAY_S} (366 days), or None for no limit",
+            "timeout",
+        )
+    if not 0 < timeout <= MAX_DELAY_S:  # NaN fails this too
+        raise InvalidInput(
+            f"invalid timeout {timeout!r}: it must be greater than 0 and at most {MAX_DELAY_S} "
+            "seconds (366 days), or None for no limit",
+            "timeout",
+        )
+
+
 def resolve_run_at(run_at: datetime | None, delay: float | timedelta | None) -> datetime | None:
     """Turn ``run_at`` or ``delay`` into one aware datetime (or None for now).
 
@@ -429,7 +447,8 @@ class App:
             max_attempts: attempts before the task goes to `dead` (1 to 1000).
             priority: the default priority (higher runs first, -32768 to 32767).
             retry: the backoff between attempts.
-            timeout: seconds after which a running handler is abandoned (None: no limit).
+            timeout: seconds after which a running handler is abandoned: a number (int or
+                float, not bool) greater than 0 and at most 31622400 (366 days); None: no limit.
             cron: make it periodic: a cron expression (see ``periodic``), enqueued with no
                 args at every tick.
 
@@ -442,10 +461,7 @@ class App:
             raise InvalidInput(
                 f"invalid max_attempts {max_attempts}: it must be 1 to 1000", "max_attempts"
             )
-        if timeout is not None and not (0 < timeout <= MAX_DELAY_S):
-            raise InvalidInput(
-                f"invalid timeout {timeout!r}: it must be a positive number", "timeout"
-            )
+        _check_timeout(timeout)
         schedule = None if cron is None else _cron.parse(cron)
 
         def register(fn: Handler) -> Task:

@@ -111,3 +111,24 @@ def test_tasks_claimed_with_a_stuck_one_are_given_back(
     event = worker.wait_for_event("leases_released", 5)
     assert event["released"] == 2
     assert app.handle(ids[0]).result(timeout=30) == {"attempt": 2}
+
+
+@pytest.mark.parametrize(
+    "bad", [True, False, 0, -1, 0.0, float("nan"), float("inf"), 31622401, "5", [1]]
+)
+def test_bad_task_timeouts_are_refused_with_the_range(bad: Any) -> None:
+    """`@app.task(timeout=...)` refuses bools, non-numbers and values outside (0, 366 days]
+    with InvalidInput naming the range."""
+    bad_app = pgidem.App("dbname=unused")
+    with pytest.raises(pgidem.InvalidInput) as info:
+        bad_app.task(timeout=bad)
+    assert "greater than 0 and at most 31622400" in str(info.value)
+    assert "(366 days)" in str(info.value) and "None for no limit" in str(info.value)
+
+
+@pytest.mark.parametrize("good", [None, 0.001, 1, 30.5, 31622400])
+def test_good_task_timeouts_are_accepted(good: Any) -> None:
+    """The documented range's ends are accepted."""
+    ok_app = pgidem.App("dbname=unused")
+    registered = ok_app.task(name="bounded", timeout=good)(lambda ctx: None)
+    assert registered.timeout == good
