@@ -209,7 +209,10 @@ def worker(
     dsn: str | None,
     scheduler: bool = True,
 ) -> None:
-    """Run a worker for the tasks registered on an App."""
+    """Run a worker for the tasks registered on an App.
+
+    Exits 0 after SIGTERM/SIGINT. When every slot is stuck in a handler past its timeout, it
+    stops gracefully and re-executes itself (same command line, same pid)."""
     from pgidem._pruner import parse_duration
     from pgidem.worker import Worker, WorkerConfig
 
@@ -235,7 +238,7 @@ def worker(
             prune_batch_size=prune_batch_size,
             prune_older_than=None if prune_older_than is None else parse_duration(prune_older_than),
         )
-        code = Worker(app, config).run()
+        code = Worker(app, config).run(reexec=True)
     sys.exit(code)
 
 

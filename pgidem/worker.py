@@ -9,8 +9,10 @@ Threads, and what each one does:
   batch, or earlier once it has been open ``commit_interval`` seconds, so a batch costs one
   commit however many tasks it holds. Each slot has its own pooled connection.
 * one **heartbeat**: extends every lease this worker holds in one statement, marks lost leases
-  (and cancelled tasks) for their handlers, abandons handlers past their timeout, and keeps the
-  worker's row in ``pgidem.workers`` fresh.
+  (and cancelled tasks) for their handlers, abandons handlers past their timeout (a new slot
+  takes the place of each; when as many handlers are stuck at once as there are slots, the
+  worker stops to be replaced: ``EXIT_STUCK``), and keeps the worker's row in
+  ``pgidem.workers`` fresh.
 * one **listener**: LISTEN on a dedicated connection; a NOTIFY from ``pgidem.enqueue`` wakes the
   idle slots. Slots also poll every ``poll_interval`` seconds, and sleep until the next scheduled
   task when that is sooner.
@@ -65,6 +67,12 @@ MAX_TRACEBACK = 16000
 #: at most, and a worker cut off that long re-registers with its next heartbeat).
 STALE_WORKER_S = 60.0
 
+#: What ``Worker.run()`` returns when every slot is stuck in a handler past its timeout and the
+#: worker stopped to be replaced (EX_TEMPFAIL): the stuck threads can only go with the process,
+#: so exit with it and let a supervisor start a new one. ``pgidem worker`` re-executes itself
+#: instead (the same command line, the same pid).
+EXIT_STUCK = 75
+
 _SAVEPOINT = "pgidem_task"
 
 
@@ -88,6 +96,8 @@ class Claimed:
     thread: threading.Thread | None = None
     #: The slot thread that claimed it (its batch runs on that thread).
     claimer: threading.Thread | None = None
+    #: Its handler returned (set under the worker's stuck lock, see ``Worker._stuck``).
+    returned: bool = False
 
 
 @dataclass
@@ -212,14 +222,30 @@ class Worker:
         self._slot_ids = itertools.count()
         self._signals = 0
         self._first_signal_at = 0.0
-        self._stuck = 0
+        #: Tokens of abandoned tasks whose handler has not returned yet: the threads stuck now.
+        self._stuck: set[int] = set()
+        self._stuck_lock = threading.Lock()
+        #: Set when every slot is stuck: the worker stops, to be replaced (see ``run``).
+        self._replacing = False
         self._pruned_workers_at = 0.0
         self.counts: dict[str, int] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def run(self, install_signals: bool = True) -> int:
-        """Run until stopped (``stop()``, SIGTERM or SIGINT); return the exit code (0).
+    def run(self, install_signals: bool = True, *, reexec: bool = False) -> int:
+        """Run until stopped (``stop()``, SIGTERM or SIGINT); return the exit code.
+
+        Args:
+            install_signals: handle SIGTERM and SIGINT (a graceful stop, then at once).
+            reexec: when every slot is stuck in a handler past its timeout, re-execute the
+                process (``os.execv`` of the same command line) after stopping gracefully,
+                instead of returning ``EXIT_STUCK``. ``pgidem worker`` sets it; a program that
+                embeds a worker should not (its command line may not start a worker).
+
+        Returns:
+            0 after a stop; ``EXIT_STUCK`` (75) when every slot got stuck and the worker
+            stopped to be replaced: exit the process with it (the stuck threads cannot be
+            ended otherwise) and let a supervisor start a new one.
 
         Raises:
             SchemaOutdated, SchemaTooNew: the schema does not match the code.
@@ -229,11 +255,14 @@ class Worker:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 previous[signum] = signal.signal(signum, self._on_signal)
         try:
-            return self._run()
+            code = self._run()
         finally:
             # An embedding program gets its own handlers back.
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+        if code == EXIT_STUCK and reexec:
+            self._reexec()
+        return code
 
     def _run(self) -> int:
         dsn = self.app.dsn
@@ -272,7 +301,7 @@ class Worker:
                 self._start_slot(queues)
         self._stopping.wait()
         self._shutdown()
-        return 0
+        return EXIT_STUCK if self._replacing else 0
 
     def _check_schema(self) -> bool:
         """Check the schema, waiting (with backoff) while the database cannot be reached: a
@@ -339,7 +368,13 @@ class Worker:
 
     def _shutdown(self) -> None:
         deadline = time.monotonic() + self.config.grace_period
-        slots = [t for t in self._threads if t.name.startswith("pgidem-slot")]
+        # Not the threads stuck in an abandoned handler: their attempts are over (failed by the
+        # heartbeat), and they may never return.
+        slots = [
+            t
+            for t in self._threads
+            if t.name.startswith("pgidem-slot") and not getattr(t, "pgidem_abandoned", False)
+        ]
         for thread in slots:
             thread.join(max(0.0, deadline - time.monotonic()))
         unfinished = [t.name for t in slots if t.is_alive()]
@@ -644,6 +679,7 @@ class Worker:
         except BaseException as exc:  # SystemExit too: a handler must not end its slot
             error = exc
         duration = time.monotonic() - task.started_at
+        self._handler_returned(task, duration)
         self._durations[task.task_name] = 0.8 * self._durations.get(task.task_name, duration) + (
             0.2 * duration
         )
@@ -975,26 +1011,37 @@ class Worker:
             error = TimeoutError(f"the handler ran past its timeout of {task.timeout} s")
             record = error_record(error, attempt_status="abandoned")
             registered = self.app.tasks[task.task_name]
-            with self._connection() as conn, conn.transaction():
-                conn.execute("SET LOCAL lock_timeout = '2s'")
-                if task.attempt >= task.max_attempts:
-                    _store.task_kill(
-                        conn,
-                        task_id=task.task_id,
-                        token=task.token,
-                        error=record,
-                        error_json=dump_json(
-                            {"class": record["class"], "message": record["message"]}, "error"
-                        ),
-                    )
-                else:
-                    _store.task_retry_later(
-                        conn,
-                        task_id=task.task_id,
-                        token=task.token,
-                        delay_s=registered.retry.delay(task.attempt),
-                        error=record,
-                    )
+            try:
+                with self._connection() as conn, conn.transaction():
+                    conn.execute("SET LOCAL lock_timeout = '2s'")
+                    if task.attempt >= task.max_attempts:
+                        _store.task_kill(
+                            conn,
+                            task_id=task.task_id,
+                            token=task.token,
+                            error=record,
+                            error_json=dump_json(
+                                {"class": record["class"], "message": record["message"]},
+                                "error",
+                            ),
+                        )
+                    else:
+                        _store.task_retry_later(
+                            conn,
+                            task_id=task.task_id,
+                            token=task.token,
+                            delay_s=registered.retry.delay(task.attempt),
+                            error=record,
+                        )
+            except (psycopg.Error, PgidemError, OSError) as exc:
+                # Its lease is no longer extended: it expires and the claim path rescues the
+                # task (the attempt then ends lease_expired). The slot is replaced all the same.
+                self.log.warning(
+                    "task_abandon_unrecorded",
+                    task_id=task.task_id,
+                    fencing_token=task.token,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
             self.counts["abandoned"] = self.counts.get("abandoned", 0) + 1
             self.log.warning(
                 "task_abandoned",
@@ -1006,9 +1053,17 @@ class Worker:
             self._replace_stuck_slot(task)
 
     def _replace_stuck_slot(self, task: Claimed) -> None:
-        # The stuck thread leaves its loop if its handler ever returns; a new slot takes over.
-        if task.thread is not None:
-            task.thread.pgidem_abandoned = True  # type: ignore[attr-defined]
+        with self._stuck_lock:
+            if task.returned:
+                # Its handler returned meanwhile: the slot sees the abandonment, rolls the task
+                # back and goes on with its batch. Nothing is stuck.
+                return
+            self._stuck.add(task.token)
+            stuck = len(self._stuck)
+            # The stuck thread leaves its loop if its handler ever returns; a new slot takes
+            # over. (Under the lock: the thread reads this only after its handler returned.)
+            if task.thread is not None:
+                task.thread.pgidem_abandoned = True  # type: ignore[attr-defined]
         # The rest of the stuck slot's batch would wait for its handler to return (and the
         # heartbeat would keep their leases alive meanwhile, for ever if it never does): give
         # them back now. If the handler returns, the slot's own release of them is a no-op.
@@ -1020,16 +1075,53 @@ class Worker:
             ]
         if mates:
             self._release(mates)
-        self._stuck += 1
-        if self._stuck >= self.slots * 2:
-            self.log.error("worker_replacing_itself", stuck_threads=self._stuck)
-            self._reexec()
+        if stuck >= self.slots and not self._replacing:
+            # As many threads stuck now as the worker has slots: each holds a connection and
+            # will hold it for as long as its handler runs, so the worker stops (gracefully:
+            # the slots that still work finish their batches, unstarted leases go back, the
+            # row in pgidem.workers goes) to be replaced by a fresh process.
+            self._replacing = True
+            self.log.error(
+                "worker_replacing_itself",
+                stuck_threads=stuck,
+                slots=self.slots,
+                exit_code=EXIT_STUCK,
+            )
+            self.stop()
+            return
+        if self._replacing:
+            return
         self._start_slot(getattr(task.thread, "pgidem_queues", None) or self._groups[0][0])
 
+    def _handler_returned(self, task: Claimed, duration: float) -> None:
+        """A handler returned: if it was abandoned, its thread is no longer stuck."""
+        with self._stuck_lock:
+            task.returned = True
+            was_stuck = task.token in self._stuck
+            self._stuck.discard(task.token)
+            stuck = len(self._stuck)
+        if was_stuck:
+            self.log.info(
+                "abandoned_handler_returned",
+                task_id=task.task_id,
+                fencing_token=task.token,
+                duration_ms=round(duration * 1000, 2),
+                stuck_threads=stuck,
+            )
+
     def _reexec(self) -> None:
-        """Every slot is stuck in a handler that will not return: start afresh in place."""
+        """Start afresh in place: the same interpreter, options and command line (for
+        ``python -m pgidem worker`` too), the same pid. Exits with ``EXIT_STUCK`` if that
+        fails."""
+        argv = [sys.executable, *sys.orig_argv[1:]]
+        self.log.warning("worker_reexecuting", argv=argv)
+        sys.stdout.flush()
         sys.stderr.flush()
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+        try:
+            os.execv(sys.executable, argv)
+        except OSError as exc:
+            self.log.error("worker_reexec_failed", error=str(exc), exit_code=EXIT_STUCK)
+            os._exit(EXIT_STUCK)
 
     # -- listener ------------------------------------------------------------------------------
 

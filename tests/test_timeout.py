@@ -4,6 +4,7 @@ task retries or dies by its policy."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -111,6 +112,128 @@ def test_tasks_claimed_with_a_stuck_one_are_given_back(
     event = worker.wait_for_event("leases_released", 5)
     assert event["released"] == 2
     assert app.handle(ids[0]).result(timeout=30) == {"attempt": 2}
+
+
+def _count(worker: Any, event: str) -> int:
+    return sum(1 for e in worker.events() if e.get("event") == event)
+
+
+def test_worker_whose_every_slot_is_stuck_replaces_itself(
+    dsn: str, app: pgidem.App, ledger: None, spawn_worker: Any
+) -> None:
+    """A `pgidem worker` with 2 slots whose handlers both hang (600 s) past their 1 s timeout:
+    once both are stuck at once it stops gracefully (the stuck attempts were already failed by
+    the heartbeat), deregisters, and re-executes itself in place (same pid, new worker id);
+    the new process runs the retries and new tasks."""
+    ids = app.enqueue_many(
+        "stuck",
+        [{"stuck_attempts": 1, "seconds": 600}, {"stuck_attempts": 1, "seconds": 600}],
+        queue="control",
+        max_attempts=2,
+    )
+    worker = spawn_worker(dsn, "--queue", "control", "--concurrency", "2", "--lease", "3", app=APP)
+    first = worker.wait_for_event("worker_started", 30)
+    event = worker.wait_for_event("worker_replacing_itself", 60)
+    assert event["stuck_threads"] == 2 and event["slots"] == 2
+    wait_until(lambda: _count(worker, "worker_started") == 2, 60, 0.1, "the re-executed worker")
+    started = [e for e in worker.events() if e.get("event") == "worker_started"]
+    assert started[1]["worker_id"] != first["worker_id"]
+    # Same process (execv), still running.
+    assert worker.alive()
+    assert f":{worker.pid}:" in started[1]["worker_id"]
+    # The old registration went before the exec; the new one is there.
+    registered = [r[0] for r in rows(dsn, "SELECT id FROM pgidem.workers")]
+    assert first["worker_id"] not in registered
+    wait_until(
+        lambda: (
+            started[1]["worker_id"] in [r[0] for r in rows(dsn, "SELECT id FROM pgidem.workers")]
+        ),
+        10,
+        0.1,
+        "the new worker's row",
+    )
+    # Both stuck tasks retried (their first attempt failed `abandoned`) and succeeded.
+    for task_id in ids:
+        assert app.handle(task_id).result(timeout=60) == {"attempt": 2}
+        statuses = rows(
+            dsn,
+            "SELECT status FROM pgidem.attempts WHERE task_id = %s ORDER BY fencing_token",
+            (task_id,),
+        )
+        assert [s for (s,) in statuses] == ["abandoned", "succeeded"]
+    follow = app.enqueue("stuck", {"stuck_attempts": 0}, queue="control", max_attempts=2)
+    assert follow.result(timeout=30) == {"attempt": 1}
+    assert _count(worker, "worker_replacing_itself") == 1
+
+
+def test_worker_with_only_some_slots_stuck_does_not_replace_itself(
+    dsn: str, app: pgidem.App, ledger: None, spawn_worker: Any
+) -> None:
+    """Regression: the worker used to count every abandonment in its life and re-execute itself
+    after 2 x slots of them, though its handlers had since returned. With 3 slots, one handler
+    stuck for good and five more abandoned one after another (each returns 4 s in, after
+    being abandoned at its 1 s timeout), six abandonments happen but never more than two
+    handlers are stuck at once: the worker keeps running, in the same process."""
+    worker = spawn_worker(dsn, "--queue", "control", "--concurrency", "3", "--lease", "3", app=APP)
+    worker.wait_for_event("worker_started", 30)
+    forever = app.enqueue(
+        "stuck", {"stuck_attempts": 1, "seconds": 600}, queue="control", max_attempts=2
+    )
+    assert forever.result(timeout=30) == {"attempt": 2}
+    for n in range(1, 6):
+        brief = app.enqueue(
+            "stuck", {"stuck_attempts": 1, "seconds": 4}, queue="control", max_attempts=2
+        )
+        assert brief.result(timeout=30) == {"attempt": 2}
+        wait_until(
+            lambda n=n: _count(worker, "abandoned_handler_returned") == n,
+            20,
+            0.1,
+            f"abandoned handler {n} to return",
+        )
+    assert _count(worker, "task_abandoned") == 6
+    assert _count(worker, "worker_replacing_itself") == 0
+    assert _count(worker, "worker_started") == 1
+    assert worker.alive()
+    follow = app.enqueue("stuck", {"stuck_attempts": 0}, queue="control", max_attempts=2)
+    assert follow.result(timeout=30) == {"attempt": 1}
+
+
+def test_embedded_worker_with_every_slot_stuck_returns_exit_stuck(dsn: str) -> None:
+    """`Worker(...).run()` in a program of one's own does not re-execute the program (its
+    command line may not start a worker): when its only slot is stuck past the timeout it stops
+    and returns EXIT_STUCK (75), for the program to exit with."""
+    from pgidem.worker import EXIT_STUCK, Worker
+
+    release = threading.Event()
+    embedded = pgidem.App(dsn)
+
+    @embedded.task(queue="embedded", timeout=0.5, max_attempts=3)
+    def hang(ctx: pgidem.Context) -> None:
+        release.wait(60)
+
+    task = embedded.enqueue("hang", {}, queue="embedded")
+    worker = Worker(embedded, queues=["embedded"], concurrency=1, lease=3, grace_period=5)
+    safety = threading.Timer(60, worker.stop)
+    safety.start()
+    try:
+        began = time.monotonic()
+        assert worker.run(install_signals=False) == EXIT_STUCK
+        assert time.monotonic() - began < 60  # stopped by itself, not by the safety timer
+    finally:
+        safety.cancel()
+        release.set()
+        # The stuck thread returns, rolls back and hands its connection back to the closed
+        # pool (which closes it): wait, so that nothing holds the test database open.
+        for thread in threading.enumerate():
+            if thread.name.startswith("pgidem-slot"):
+                thread.join(10)
+    assert scalar(dsn, "SELECT count(*) FROM pgidem.workers") == 0
+    assert (
+        scalar(dsn, "SELECT status FROM pgidem.attempts WHERE task_id = %s", (task.id,))
+        == "abandoned"
+    )
+    embedded.close()
 
 
 @pytest.mark.parametrize(
