@@ -20,14 +20,22 @@ Missed ticks (the policy, also in docs/scheduling.md):
   ``catch_up_window``. A worker that starts at 10:00 enqueues a daily 03:00 task once, if no
   scheduler did at 03:00 (the key dedupes it if one did).
 
-``catch_up_window`` must stay below the database's key retention (``pgidem.key_retention``, 7
-days by default): a tick whose task was pruned would be enqueued again.
+Retention: a tick older than the key retention may have had its task pruned, and enqueueing
+it again would make a second task for that tick. So a scheduler never enqueues a tick older
+than the retention: the smaller of the database's ``pgidem.key_retention`` (read at start and
+every ``RETENTION_REFRESH_S``) and the worker's pruner retention (``prune_older_than``, when
+set). A ``catch_up_window`` above it is clamped to it, with a warning
+(``scheduler_catch_up_clamped``); ticks older than it are skipped on the running path too.
+
+Each pass records the schedules it ran in ``pgidem.schedules`` (for ``pgidem status`` and
+psql; no scheduler reads it back).
 """
 
 from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -46,6 +54,8 @@ ConnectionFactory = Callable[[], AbstractContextManager[psycopg.Connection[Any]]
 
 #: The longest a scheduler sleeps between passes, in seconds (it wakes for each tick sooner).
 MAX_SLEEP = 60.0
+#: Seconds between reads of the database's key retention.
+RETENTION_REFRESH_S = 300.0
 
 
 def tick_key(schedule: str, tick: datetime) -> str:
@@ -82,17 +92,34 @@ class SchedulerConfig:
             is no older than this (default one day).
         max_catch_up: most ticks of one schedule enqueued by one pass; a longer gap counts as
             downtime.
+        prune_older_than: seconds; the retention of a pruner that may delete this database's
+            finished tasks sooner than ``pgidem.key_retention`` (the worker passes its own).
+            No tick older than this, or than the key retention, is enqueued.
     """
 
     catch_up_window: float = 86400.0
     max_catch_up: int = 1000
+    prune_older_than: float | None = None
 
     def validate(self) -> None:
         """Raise InvalidInput on a setting out of range."""
-        if not 0 <= self.catch_up_window <= 366 * 86400:
-            raise InvalidInput("invalid scheduler setting: catch_up_window must be 0 to 366 days")
-        if not 1 <= self.max_catch_up <= 100000:
-            raise InvalidInput("invalid scheduler setting: max_catch_up must be 1 to 100000")
+        window = self.catch_up_window
+        if isinstance(window, bool) or not isinstance(window, int | float):
+            raise InvalidInput(
+                f"invalid scheduler setting: catch_up_window must be a number of seconds, "
+                f"got {window!r}"
+            )
+        if not 0 <= window <= 366 * 86400:
+            raise InvalidInput(
+                f"invalid scheduler setting: catch_up_window must be 0 to 366 days "
+                f"(31622400 s), got {window!r}"
+            )
+        count = self.max_catch_up
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 100000:
+            raise InvalidInput(
+                f"invalid scheduler setting: max_catch_up must be a whole number from 1 to "
+                f"100000, got {count!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -135,6 +162,49 @@ class Scheduler:
         self.log = log if log is not None else _log.get()
         #: The latest tick handled per schedule (in memory: a restart is downtime).
         self._last: dict[str, datetime] = {}
+        #: Ticks older than this many seconds are never enqueued (see the module docstring);
+        #: None until the database's key retention was read.
+        self.retention: float | None = self.config.prune_older_than
+        self._retention_read_at: float | None = None
+        self._clamp_logged: float | None = None
+        #: Schedules recorded in pgidem.schedules by this scheduler.
+        self._recorded: set[str] = set()
+
+    def catch_up_window(self) -> float:
+        """The window in effect: ``catch_up_window``, clamped to the retention."""
+        if self.retention is None:
+            return self.config.catch_up_window
+        return min(self.config.catch_up_window, self.retention)
+
+    def refresh_retention(self) -> None:
+        """Read the database's key retention (at most every ``RETENTION_REFRESH_S``) and log
+        once when it clamps ``catch_up_window``."""
+        clock = time.monotonic()
+        if self._retention_read_at is not None and (
+            clock - self._retention_read_at < RETENTION_REFRESH_S
+        ):
+            return
+        try:
+            with self._connection() as conn:
+                database = _store.key_retention(conn)
+        except (psycopg.Error, PgidemError, OSError) as exc:
+            self.log.warning("key_retention_unread", error=f"{type(exc).__name__}: {exc}")
+            return
+        self._retention_read_at = clock
+        bounds = [database]
+        if self.config.prune_older_than is not None:
+            bounds.append(self.config.prune_older_than)
+        self.retention = min(bounds)
+        if self.retention < self.config.catch_up_window and self._clamp_logged != self.retention:
+            self._clamp_logged = self.retention
+            self.log.warning(
+                "scheduler_catch_up_clamped",
+                catch_up_window_s=self.config.catch_up_window,
+                key_retention_s=database,
+                prune_older_than_s=self.config.prune_older_than,
+                effective_window_s=self.retention,
+                detail="no tick older than the retention is enqueued: its task may be pruned",
+            )
 
     def due(self, periodic: Periodic, now: datetime) -> tuple[list[datetime], int]:
         """The ticks of one schedule to enqueue at ``now`` by the missed-ticks policy, and how
@@ -153,11 +223,17 @@ class Scheduler:
                 if len(ticks) > self.config.max_catch_up:
                     break
             if len(ticks) <= self.config.max_catch_up:
-                return ticks, 0
+                # Even while running (after a long pause of the process, say), never a tick
+                # older than the retention: its task may have been pruned.
+                fresh = [t for t in ticks if self._within_retention(t, now)]
+                return fresh, len(ticks) - len(fresh)
         # Downtime: only the latest tick, if recent enough.
-        if (now - latest).total_seconds() <= self.config.catch_up_window:
+        if (now - latest).total_seconds() <= self.catch_up_window():
             return [latest], 0
         return [], 1
+
+    def _within_retention(self, tick: datetime, now: datetime) -> bool:
+        return self.retention is None or (now - tick).total_seconds() <= self.retention
 
     def run_once(self, now: datetime | None = None) -> ScheduleResult:
         """Enqueue every tick that is due (see the module's missed-ticks policy).
@@ -169,6 +245,7 @@ class Scheduler:
             What was enqueued, skipped and failed.
         """
         now = now or datetime.now(UTC)
+        self.refresh_retention()
         enqueued: list[tuple[str, datetime, int]] = []
         skipped = failed = 0
         for periodic in list(self.app.periodic_tasks.values()):
@@ -177,7 +254,10 @@ class Scheduler:
             if not ticks:
                 if left_out:
                     self._last[periodic.name] = periodic.cron.latest_at_or_before(now)
+                if periodic.name not in self._recorded:
+                    self._record(periodic, now, None)
                 continue
+            mine = len(enqueued)
             for tick in ticks:
                 try:
                     task_id = self._enqueue(periodic, tick)
@@ -210,7 +290,41 @@ class Scheduler:
                     tick=tick.isoformat(),
                     task_id=task_id,
                 )
+            if len(enqueued) > mine or periodic.name not in self._recorded:
+                self._record(periodic, now, enqueued[-1] if len(enqueued) > mine else None)
         return ScheduleResult(enqueued, skipped, failed)
+
+    def _record(
+        self, periodic: Periodic, now: datetime, last: tuple[str, datetime, int] | None
+    ) -> None:
+        """Upsert the schedule's row in pgidem.schedules (for people; a failure is logged and
+        changes nothing else)."""
+        registered = self.app.tasks.get(periodic.task_name)
+        try:
+            next_tick: datetime | None = periodic.cron.next_after(now)
+        except InvalidInput:
+            next_tick = None
+        try:
+            with self._connection() as conn:
+                _store.schedule_upsert(
+                    conn,
+                    name=periodic.name,
+                    task_name=periodic.task_name,
+                    cron=periodic.cron.expression,
+                    timezone=str(periodic.cron.timezone),
+                    queue=periodic.queue or (registered.queue if registered else "default"),
+                    last_tick=None if last is None else last[1],
+                    last_task_id=None if last is None else last[2],
+                    next_tick=next_tick,
+                )
+        except (psycopg.Error, PgidemError, OSError) as exc:
+            self.log.warning(
+                "schedule_record_failed",
+                schedule=periodic.name,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            return
+        self._recorded.add(periodic.name)
 
     def _enqueue(self, periodic: Periodic, tick: datetime) -> int:
         registered = self.app.tasks.get(periodic.task_name)

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import click
@@ -194,6 +194,22 @@ def migrate(dsn: str | None) -> None:
     show_default=True,
     help="Enqueue the app's periodic tasks from this worker (safe on every worker).",
 )
+@click.option(
+    "--catch-up-window",
+    default="1d",
+    show_default=True,
+    help="After downtime the scheduler enqueues the latest missed tick of a periodic task only "
+    "if it is no older than this (seconds, or 90s/15m/12h/7d; at most 366 days). Clamped to "
+    "the key retention and --prune-older-than.",
+)
+@click.option(
+    "--max-catch-up",
+    default=1000,
+    show_default=True,
+    type=int,
+    help="Most missed ticks of one periodic task enqueued at once (1 to 100000); a longer "
+    "gap counts as downtime.",
+)
 def worker(
     app_path: str,
     queues: tuple[str, ...],
@@ -208,6 +224,8 @@ def worker(
     prune_older_than: str | None,
     dsn: str | None,
     scheduler: bool = True,
+    catch_up_window: str = "1d",
+    max_catch_up: int = 1000,
 ) -> None:
     """Run a worker for the tasks registered on an App.
 
@@ -237,6 +255,8 @@ def worker(
             prune_interval=parse_duration(prune_interval),
             prune_batch_size=prune_batch_size,
             prune_older_than=None if prune_older_than is None else parse_duration(prune_older_than),
+            catch_up_window=parse_duration(catch_up_window),
+            max_catch_up=max_catch_up,
         )
         code = Worker(app, config).run(reexec=True)
     sys.exit(code)
@@ -306,6 +326,7 @@ def status(dsn: str | None) -> None:
             queues = _store.queue_status(conn)
             workers = _store.workers_live(conn)
             limits = _store.queue_limits_list(conn)
+            schedules = _store.schedule_list(conn)
         click.echo(f"database: {app.resolved.describe()}")
         header = (
             "queue",
@@ -335,6 +356,10 @@ def status(dsn: str | None) -> None:
             click.echo("")
             click.echo("limits:")
             _limits_table(limits)
+        if schedules:
+            click.echo("")
+            click.echo("schedules:")
+            _schedules_table(schedules)
         click.echo("")
         from pgidem.worker import STALE_WORKER_S
 
@@ -394,7 +419,9 @@ def show(task_id: int, as_json: bool, dsn: str | None) -> None:
             "concurrency_key",
         ):
             click.echo(f"{name:>16}: {row.get(name)}")
-        if control.get("max_running") is not None or control.get("rate_limit") is not None:
+        if control.get("max_per_key") is not None:
+            # The queue has a limits row (max_per_key is never NULL there), whichever limits
+            # it sets: with only a concurrency key's limit, that is still a limit.
             click.echo(f"{'queue limits':>16}: {_limits_text(control)}")
         click.echo(f"{'args':>16}: {json.dumps(row['args'])}")
         stored = (
@@ -563,6 +590,39 @@ def _limits_table(limits: list[dict[str, Any]]) -> None:
                 q["max_per_key"],
             )
             for q in limits
+        ],
+    )
+
+
+def _schedules_table(schedules: list[dict[str, Any]]) -> None:
+    def when(value: datetime | None) -> str:
+        return "-" if value is None else value.astimezone(UTC).isoformat(timespec="seconds")
+
+    _table(
+        (
+            "schedule",
+            "task",
+            "cron",
+            "timezone",
+            "queue",
+            "last_tick",
+            "task_id",
+            "next_tick",
+            "updated_s_ago",
+        ),
+        [
+            (
+                s["name"],
+                s["task_name"],
+                s["cron"],
+                s["timezone"],
+                s["queue"],
+                when(s["last_tick"]),
+                "-" if s["last_task_id"] is None else s["last_task_id"],
+                when(s["next_tick"]),
+                f"{s['updated_age_s']:.0f}",
+            )
+            for s in schedules
         ],
     )
 

@@ -40,7 +40,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -56,6 +56,9 @@ from pgidem.errors import (
     Retry,
     TransactionEnded,
 )
+
+if TYPE_CHECKING:
+    from pgidem._scheduler import SchedulerConfig
 
 #: The longest error message kept on an attempt row, in characters.
 MAX_ERROR_MESSAGE = 2000
@@ -124,6 +127,12 @@ class WorkerConfig:
     prune_batch_size: int = 1000
     #: The pruner's retention in seconds; None: the setting pgidem.key_retention (7 days).
     prune_older_than: float | None = None
+    #: The scheduler's missed-ticks policy (see pgidem/_scheduler.py): after downtime, the
+    #: latest missed tick is enqueued if no older than this many seconds (clamped to the key
+    #: retention and ``prune_older_than``).
+    catch_up_window: float = 86400.0
+    #: Most ticks of one schedule one scheduler pass enqueues; a longer gap is downtime.
+    max_catch_up: int = 1000
 
     def validate(self) -> None:
         """Raise InvalidInput on a setting out of range."""
@@ -155,6 +164,17 @@ class WorkerConfig:
         for ok, message in checks:
             if not ok:
                 raise InvalidInput(f"invalid worker setting: {message}")
+        self.scheduler_config().validate()
+
+    def scheduler_config(self) -> SchedulerConfig:
+        """The settings of this worker's scheduler."""
+        from pgidem._scheduler import SchedulerConfig
+
+        return SchedulerConfig(
+            catch_up_window=self.catch_up_window,
+            max_catch_up=self.max_catch_up,
+            prune_older_than=self.prune_older_than,
+        )
 
 
 def error_record(exc: BaseException, attempt_status: str = "failed") -> dict[str, Any]:
@@ -364,7 +384,8 @@ class Worker:
     def _schedule_loop(self) -> None:
         from pgidem._scheduler import Scheduler
 
-        Scheduler(self.app, self._connection, log=self.log).run(self._stopping)
+        config = self.config.scheduler_config()
+        Scheduler(self.app, self._connection, config, log=self.log).run(self._stopping)
 
     def _shutdown(self) -> None:
         deadline = time.monotonic() + self.config.grace_period

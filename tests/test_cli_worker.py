@@ -188,8 +188,29 @@ def check_psql_views_have_a_row_per_task_and_per_queue(dsn: str, history: Any) -
         (["--app", "tests.apps.no_such_module:app"], "cannot import 'tests.apps.no_such_module'"),
         (["--app", "tests.apps.worker_app:nothing"], "is not a pgidem.App"),
         (["--app", "no-colon"], "--app must look like MODULE:ATTR"),
+        (
+            ["--app", "tests.apps.worker_app:app", "--catch-up-window", "400d"],
+            "catch_up_window must be 0 to 366 days",
+        ),
+        (
+            ["--app", "tests.apps.worker_app:app", "--catch-up-window", "soon"],
+            "invalid duration 'soon'",
+        ),
+        (
+            ["--app", "tests.apps.worker_app:app", "--max-catch-up", "0"],
+            "max_catch_up must be a whole number from 1 to 100000",
+        ),
     ],
-    ids=["lease", "concurrency", "module", "attribute", "format"],
+    ids=[
+        "lease",
+        "concurrency",
+        "module",
+        "attribute",
+        "format",
+        "catch-up-window",
+        "catch-up-window-format",
+        "max-catch-up",
+    ],
 )
 def test_worker_refuses_bad_settings_with_a_message(args: list[str], message: str) -> None:
     """`pgidem worker` with a bad setting or app path exits 1 and says what is wrong (before

@@ -5,7 +5,8 @@ prioritised tasks, and several queues per worker each with its own slots."""
 from __future__ import annotations
 
 import itertools
-from datetime import UTC, datetime, timedelta
+import time
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
@@ -13,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import pgidem
-from pgidem import _scheduler
+from pgidem import _scheduler, _sql, _store
 from pgidem.cli import main
 from tests.apps.control_app import LEDGER_DDL
 from tests.helpers import rows, scalar, wait_until
@@ -207,3 +208,210 @@ def test_delayed_and_prioritised_tasks_from_the_cli(
     )
     assert [r["id"] for r in got] == [int(low.output.split()[-1])]
     assert delayed not in [r["id"] for r in got]
+
+
+def test_idle_worker_wakes_for_a_delayed_task_well_before_its_poll_interval(
+    dsn: str, app: pgidem.App, ledger: None, spawn_worker: Any
+) -> None:
+    """A worker polling every 30 s, idle when a task delayed by 3 s is enqueued: the enqueue's
+    NOTIFY makes it look up the next run_at, and it starts the task near its run_at, not at
+    its next poll (the lateness is a small fraction of the poll interval)."""
+    poll = 30.0
+    worker = spawn_worker(dsn, "--queue", "limited", "--poll-interval", str(poll), app=APP)
+    worker.wait_for_event("worker_started", 30)
+    time.sleep(2)  # its slots have claimed nothing and sleep on their 30 s poll
+    task = app.enqueue("quick", {}, queue="limited", delay=3)
+    run_at = scalar(dsn, "SELECT run_at FROM pgidem.tasks WHERE id = %s", (task.id,))
+    app.handle(task.id).result(timeout=2 * poll)
+    started = scalar(dsn, "SELECT started FROM ledger WHERE task_id = %s", (task.id,))
+    late = (started - run_at).total_seconds()
+    assert late >= -0.05  # never before its run_at (the two clocks are the same host's)
+    assert late < poll / 10, f"started {late:.2f} s after run_at with a {poll:.0f} s poll"
+
+
+def test_next_run_at_is_one_index_probe_per_queue(conn: psycopg.Connection[Any]) -> None:
+    """next_run_at reads tasks_scheduled with a LIMIT per queue: no sequential scan and no sort
+    of the tasks, however many are queued (here 30,000 queued in three queues and 30,000 done),
+    and it returns the earliest future run_at of the queues asked."""
+    conn.execute(
+        """
+        INSERT INTO pgidem.tasks (task_name, queue, run_at)
+        SELECT 't', 'q' || (i % 3), now() + make_interval(secs => 60 + (i * 7919) % 86400)
+          FROM generate_series(1, 30000) AS i
+        """
+    )
+    conn.execute(
+        """
+        INSERT INTO pgidem.tasks (task_name, queue, state, finished_at, run_at)
+        SELECT 't', 'q' || (i % 3), 'succeeded', now(), now() - interval '1 hour'
+          FROM generate_series(1, 30000) AS i
+        """
+    )
+    conn.execute("ANALYZE pgidem.tasks")
+    query = _sql.query("next_run_at")
+    plan = "\n".join(
+        r[0]
+        for r in psycopg.ClientCursor(conn).execute(
+            "EXPLAIN " + query, {"queues": ["q0", "q1", "nothing"]}
+        )
+    )
+    assert "tasks_scheduled" in plan and "Limit" in plan, plan
+    assert "Seq Scan" not in plan and "Sort" not in plan, plan
+    expected = scalar_from(
+        conn,
+        "SELECT min(run_at) FROM pgidem.tasks WHERE state = 'queued' AND queue IN ('q0', 'q1')",
+    )
+    assert _store.next_run_at(conn, ["q0", "q1", "nothing"]) == expected
+    assert _store.next_run_at(conn, ["nothing"]) is None
+
+
+def scalar_from(conn: psycopg.Connection[Any], query: str) -> Any:
+    row = conn.execute(query).fetchone()
+    return None if row is None else row[0]
+
+
+def test_schedules_show_in_pgidem_schedules_and_status(app: pgidem.App, dsn: str) -> None:
+    """Each scheduler pass records its schedules in pgidem.schedules (task, cron, zone, queue,
+    last tick enqueued and its task, next tick); a second scheduler behind the first never
+    moves last_tick back; `pgidem status` lists them."""
+    app.periodic("report", "*/10 * * * *", args={"kind": "daily"}, queue="reports")
+    a = _scheduler.Scheduler(app, app.pool.connection)
+    b = _scheduler.Scheduler(app, app.pool.connection)
+    t0 = datetime(2026, 12, 4, 4, 33, 12, tzinfo=UTC)
+    first = a.run_once(t0)
+    task_id = first.enqueued[0][2]
+    got = rows(
+        dsn,
+        "SELECT name, task_name, cron, timezone, queue, last_tick, last_task_id, next_tick"
+        " FROM pgidem.schedules",
+    )
+    assert got == [
+        (
+            "report",
+            "report",
+            "*/10 * * * *",
+            "UTC",
+            "reports",
+            datetime(2026, 12, 4, 4, 30, tzinfo=UTC),
+            task_id,
+            datetime(2026, 12, 4, 4, 40, tzinfo=UTC),
+        )
+    ]
+    b.run_once(t0 - timedelta(minutes=20))  # a scheduler behind: 04:10 is older than 04:30
+    assert rows(dsn, "SELECT last_tick, last_task_id FROM pgidem.schedules") == [
+        (datetime(2026, 12, 4, 4, 30, tzinfo=UTC), task_id)
+    ]
+    out = CliRunner().invoke(main, ["status", "--dsn", dsn])
+    assert out.exit_code == 0, out.output
+    assert "schedules:" in out.output
+    line = next(x for x in out.output.splitlines() if x.startswith("report "))
+    assert "*/10 * * * *" in line and "reports" in line and str(task_id) in line
+    assert "2026-12-04T04:30:00+00:00" in line and "2026-12-04T04:40:00+00:00" in line
+
+
+def test_key_limit_and_concurrency_key_show_in_show_and_task_overview(
+    app: pgidem.App, dsn: str
+) -> None:
+    """A queue with only max_per_key set shows its limits in `pgidem show`, and the task's
+    concurrency key is a column of pgidem.task_overview."""
+    app.set_queue_limit("accounts", max_per_key=2)
+    handle = app.enqueue("sync", {}, queue="accounts", concurrency_key="account:42")
+    out = CliRunner().invoke(main, ["show", str(handle.id), "--dsn", dsn])
+    assert out.exit_code == 0, out.output
+    assert "queue limits: max_per_key 2" in out.output
+    assert "concurrency_key: account:42" in out.output
+    assert scalar(
+        dsn, "SELECT concurrency_key FROM pgidem.task_overview WHERE id = %s", (handle.id,)
+    ) == ("account:42")
+
+
+class _Recorder:
+    """A logger that keeps (level, event, fields)."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, dict[str, Any]]] = []
+
+    def __getattr__(self, level: str) -> Any:
+        def log(event: str, **fields: Any) -> None:
+            self.lines.append((level, event, fields))
+
+        return log
+
+
+def test_scheduler_never_catches_up_a_tick_older_than_the_retention(
+    dsn: str, server_dsn: str
+) -> None:
+    """With pgidem.key_retention at 1 hour, a catch_up_window of one day is clamped to one
+    hour (logged as scheduler_catch_up_clamped): a daily tick 7 hours old is skipped, where a
+    7-day retention enqueues it. A worker's prune_older_than clamps the same way, also on the
+    running path (a pass that is late by an hour enqueues only the ticks within it)."""
+    dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    t0 = datetime(2026, 12, 4, 10, 0, 5, tzinfo=UTC)  # the 03:00 tick is 7 h old
+
+    def pass_at(retention: str, config: _scheduler.SchedulerConfig) -> tuple[Any, _Recorder]:
+        with psycopg.connect(server_dsn, autocommit=True) as c:
+            c.execute(f"ALTER DATABASE {dbname} SET pgidem.key_retention = '{retention}'")
+        with pgidem.App(dsn) as app:  # new connections: the setting applies
+            app.periodic("report", "0 3 * * *", name=f"daily-{retention.replace(' ', '')}")
+            log = _Recorder()
+            return _scheduler.Scheduler(app, app.pool.connection, config, log=log).run_once(t0), log
+
+    short, log = pass_at("1 hour", _scheduler.SchedulerConfig())
+    assert short.enqueued == [] and short.skipped == 1
+    clamped = [
+        f for lvl, e, f in log.lines if e == "scheduler_catch_up_clamped" and lvl == "warning"
+    ]
+    assert clamped and clamped[0]["effective_window_s"] == 3600.0
+    assert clamped[0]["catch_up_window_s"] == 86400.0 and clamped[0]["key_retention_s"] == 3600.0
+    week, log = pass_at("7 days", _scheduler.SchedulerConfig())
+    assert [t for _, t, _ in week.enqueued] == [datetime(2026, 12, 4, 3, 0, tzinfo=UTC)]
+    assert not [e for _, e, _ in log.lines if e == "scheduler_catch_up_clamped"]
+    pruned, log = pass_at("2 days", _scheduler.SchedulerConfig(prune_older_than=3600))
+    assert pruned.enqueued == [] and pruned.skipped == 1
+    assert [
+        f["effective_window_s"] for _, e, f in log.lines if e == "scheduler_catch_up_clamped"
+    ] == [3600.0]
+    # The running path: every 10 minutes, a pass 57 minutes late with a 30-minute retention.
+    with pgidem.App(dsn) as app:
+        app.periodic("report", "*/10 * * * *", name="often")
+        s = _scheduler.Scheduler(
+            app, app.pool.connection, _scheduler.SchedulerConfig(prune_older_than=1800)
+        )
+        assert [t.minute for _, t, _ in s.run_once(t0).enqueued] == [0]
+        late = s.run_once(t0 + timedelta(minutes=57))  # 10:10 ... 10:50 came due
+        assert [t.minute for _, t, _ in late.enqueued] == [30, 40, 50]
+        assert late.skipped == 2
+
+
+def test_worker_scheduler_settings_are_validated() -> None:
+    """catch_up_window and max_catch_up are checked by WorkerConfig (and so by `pgidem worker`)
+    with a message giving the range."""
+    from pgidem.worker import WorkerConfig
+
+    for bad, message in [
+        ({"catch_up_window": -1}, "catch_up_window must be 0 to 366 days"),
+        ({"catch_up_window": 367 * 86400}, "catch_up_window must be 0 to 366 days"),
+        ({"catch_up_window": True}, "catch_up_window must be a number of seconds"),
+        ({"max_catch_up": 0}, "max_catch_up must be a whole number from 1 to 100000"),
+        ({"max_catch_up": 1.5}, "max_catch_up must be a whole number from 1 to 100000"),
+    ]:
+        with pytest.raises(pgidem.InvalidInput, match=message):
+            WorkerConfig(**bad).validate()  # type: ignore[arg-type]
+    config = WorkerConfig(catch_up_window=3600, max_catch_up=5, prune_older_than=600)
+    config.validate()
+    sched = config.scheduler_config()
+    assert (sched.catch_up_window, sched.max_catch_up, sched.prune_older_than) == (3600, 5, 600)
+
+
+def test_enqueue_run_at_from_the_cli(dsn: str) -> None:
+    """`pgidem enqueue --run-at` with an ISO 8601 time and zone: the task's run_at is that
+    instant (it is scheduled, not available)."""
+    when = (datetime.now(UTC) + timedelta(hours=2)).replace(microsecond=0)
+    text = when.astimezone(timezone(timedelta(hours=5, minutes=30))).isoformat()
+    out = CliRunner().invoke(
+        main, ["enqueue", "t", "--queue", "later", "--run-at", text, "--dsn", dsn]
+    )
+    assert out.exit_code == 0, out.output
+    task_id = int(out.output.split()[-1])
+    assert scalar(dsn, "SELECT run_at FROM pgidem.tasks WHERE id = %s", (task_id,)) == when
+    assert scalar(dsn, "SELECT scheduled FROM pgidem.queue_stats WHERE queue = 'later'") == 1
