@@ -284,3 +284,45 @@ def test_older_schema_says_run_migrate(conn: psycopg.Connection[Any]) -> None:
         _migrate.check(conn)
     assert f"version {latest - 1}" in str(exc.value) and f"needs {latest}" in str(exc.value)
     assert "run `pgidem migrate`" in str(exc.value)
+
+
+@pytest.fixture
+def older(dsn: str) -> str:
+    """The test database with its last migration's row removed: to pgidem, a schema one
+    version behind the code."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("DELETE FROM pgidem.migrations WHERE version = %s", (_migrate.code_version(),))
+    return dsn
+
+
+def test_older_schema_refuses_enqueue_and_worker(older: str) -> None:
+    """Enqueue (Python, with and without conn=, and the CLI) and a worker (Python and the CLI)
+    refuse a database whose schema is behind the code, saying to run `pgidem migrate`; nothing
+    is enqueued."""
+    latest = _migrate.code_version()
+
+    def outdated() -> Any:
+        return pytest.raises(pgidem.SchemaOutdated, match="run `pgidem migrate`")
+
+    with pgidem.App(older) as app, outdated() as exc:
+        app.enqueue("charge", {})
+    assert f"version {latest - 1}, this code needs {latest}" in str(exc.value)
+    with pgidem.App(older) as app, psycopg.connect(older) as c, outdated():
+        app.enqueue("charge", {}, conn=c)
+    app = pgidem.App(older)
+
+    @app.task()
+    def noop(ctx: pgidem.Context) -> None:
+        return None
+
+    with outdated():
+        Worker(app, WorkerConfig(queues=["default"])).run(install_signals=False)
+    app.close()
+    enqueue = _cli("enqueue", "charge", dsn=older)
+    _, err = enqueue.communicate(timeout=60)
+    assert enqueue.returncode == 1 and "run `pgidem migrate`" in err, err
+    worker = _cli("worker", "--app", "tests.apps.worker_app:app", dsn=older)
+    _, err = worker.communicate(timeout=60)
+    assert worker.returncode == 1 and "run `pgidem migrate`" in err, err
+    with psycopg.connect(older, autocommit=True) as c:
+        assert c.execute("SELECT count(*) FROM pgidem.tasks").fetchone() == (0,)
