@@ -189,8 +189,8 @@ def test_trigger_enqueue_commits_and_rolls_back_with_the_caller(
 
 
 def test_enqueue_notifies_the_queue_at_commit(conn: psycopg.Connection[Any], dsn: str) -> None:
-    """An enqueue of a runnable task sends NOTIFY pgidem with the queue as payload, at commit;
-    a task scheduled for later sends none (the worker sleeps until its run_at)."""
+    """An enqueue sends NOTIFY pgidem with the queue as payload, at commit; a task scheduled
+    for later too (since 0004: an idle worker then recomputes when to wake up for it)."""
     conn.execute("LISTEN pgidem")
     with psycopg.connect(dsn, autocommit=True) as other:
         other.execute("SELECT pgidem.enqueue('charge', queue => 'later', "
@@ -198,9 +198,9 @@ def test_enqueue_notifies_the_queue_at_commit(conn: psycopg.Connection[Any], dsn
         other.execute("SELECT pgidem.enqueue('charge', queue => 'payments')")
         other.execute("SELECT pgidem.enqueue_many('charge', ARRAY['{}'::jsonb], queue => 'bulk')")
     payloads = []
-    for note in conn.notifies(timeout=10, stop_after=2):
+    for note in conn.notifies(timeout=10, stop_after=3):
         payloads.append((note.channel, note.payload))
-    assert payloads == [("pgidem", "payments"), ("pgidem", "bulk")]
+    assert payloads == [("pgidem", "later"), ("pgidem", "payments"), ("pgidem", "bulk")]
 
 
 def _enqueue_in_thread(
