@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,14 +29,24 @@ def _query_bytes(query: Any) -> bytes | None:
     return None
 
 
+def _ends_transaction(query: Any) -> bool:
+    """Whether ``query`` is a statement that would end the task's transaction (the same cheap
+    prefix match for the connection and its cursors: one regex on the statement's start)."""
+    text = _query_bytes(query)
+    return text is not None and _TX_END.match(text) is not None
+
+
 class TaskConnection:
     """The task's connection, inside the task's open transaction.
 
     Everything psycopg's Connection offers works, except what would end the transaction that
     must also hold the completion record: ``commit()``, ``rollback()``, ``close()``, changing
-    ``autocommit``, and COMMIT/ROLLBACK/END statements raise InvalidState. (A handler that ends
-    the transaction some other way is detected after it returns and its attempt fails.)
-    Use ``conn.transaction()`` for a savepoint of your own.
+    ``autocommit``, and COMMIT/ROLLBACK/END statements raise InvalidState. The cursors it hands
+    out (``execute()``'s result, ``cursor()``) are :class:`TaskCursor` objects that refuse those
+    statements the same way. ``raw`` is the one deliberate way around the guard; a handler that
+    ends the transaction through it (or some other way) is detected after it returns and its
+    attempt fails, but what it committed stays committed. Use ``conn.transaction()`` for a
+    savepoint of your own.
     """
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
@@ -60,16 +70,28 @@ class TaskConnection:
         conn: psycopg.Connection[Any] = object.__getattribute__(self, "_conn")
         return conn
 
-    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> psycopg.Cursor[Any]:
-        """Execute a statement in the task's transaction (like ``Connection.execute``)."""
-        text = _query_bytes(query)
-        if text is not None and _TX_END.match(text):
-            raise self._refuse(
-                "end",
-                "a task's transaction is committed by pgidem with its completion record; "
-                "the handler may not end it (use conn.transaction() for a savepoint)",
-            )
-        return self.raw.execute(query, params, **kwargs)
+    def _refuse_end(self) -> InvalidState:
+        return self._refuse(
+            "end",
+            "a task's transaction is committed by pgidem with its completion record; "
+            "the handler may not end it (use conn.transaction() for a savepoint)",
+        )
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> TaskCursor:
+        """Execute a statement in the task's transaction (like ``Connection.execute``); return
+        its cursor, guarded like this connection.
+
+        Raises:
+            InvalidState: the statement would end the task's transaction (COMMIT, ROLLBACK...).
+        """
+        if _ends_transaction(query):
+            raise self._refuse_end()
+        return TaskCursor(self.raw.execute(query, params, **kwargs), self)
+
+    def cursor(self, *args: Any, **kwargs: Any) -> TaskCursor:
+        """A cursor in the task's transaction (``Connection.cursor``'s arguments), guarded like
+        this connection."""
+        return TaskCursor(self.raw.cursor(*args, **kwargs), self)
 
     def commit(self) -> None:
         raise self._refuse("commit", "the handler may not commit the task's transaction")
@@ -95,6 +117,90 @@ class TaskConnection:
         setattr(self.raw, name, value)
 
 
+class TaskCursor:
+    """A psycopg cursor on the task's connection whose ``execute()``, ``executemany()`` and
+    ``stream()`` refuse COMMIT/ROLLBACK/END statements like :class:`TaskConnection` does, and
+    whose ``connection`` is the guarded connection. Everything else is the psycopg cursor's
+    (``raw``); a cursor made from ``ctx.conn.raw`` has no guard."""
+
+    __slots__ = ("_cur", "_owner")
+
+    def __init__(self, cur: psycopg.Cursor[Any], owner: TaskConnection) -> None:
+        self._cur = cur
+        self._owner = owner
+
+    @property
+    def raw(self) -> psycopg.Cursor[Any]:
+        """The underlying psycopg cursor."""
+        return self._cur
+
+    @property
+    def connection(self) -> TaskConnection:
+        """The task's (guarded) connection."""
+        return self._owner
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> TaskCursor:
+        """Like ``Cursor.execute``; returns this cursor.
+
+        Raises:
+            InvalidState: the statement would end the task's transaction.
+        """
+        if _ends_transaction(query):
+            raise self._owner._refuse_end()
+        self._cur.execute(query, params, **kwargs)
+        return self
+
+    def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> None:
+        """Like ``Cursor.executemany``.
+
+        Raises:
+            InvalidState: the statement would end the task's transaction.
+        """
+        if _ends_transaction(query):
+            raise self._owner._refuse_end()
+        self._cur.executemany(query, params_seq, **kwargs)
+
+    def stream(self, query: Any, params: Any = None, **kwargs: Any) -> Iterator[Any]:
+        """Like ``Cursor.stream``.
+
+        Raises:
+            InvalidState: the statement would end the task's transaction.
+        """
+        if _ends_transaction(query):
+            raise self._owner._refuse_end()
+        return self._cur.stream(query, params, **kwargs)
+
+    def results(self) -> Iterator[TaskCursor]:
+        """Like ``Cursor.results`` (after ``executemany(..., returning=True)``): this cursor,
+        positioned on each result in turn."""
+        for _ in self._cur.results():
+            yield self
+
+    def fetchone(self) -> Any:
+        return self._cur.fetchone()
+
+    def fetchmany(self, size: int = 0) -> list[Any]:
+        return self._cur.fetchmany(size)
+
+    def fetchall(self) -> list[Any]:
+        return self._cur.fetchall()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._cur)
+
+    def __enter__(self) -> TaskCursor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._cur.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cur, name)
+
+    def __repr__(self) -> str:
+        return f"<TaskCursor {self._cur!r}>"
+
+
 @dataclass
 class LeaseState:
     """Shared between the worker's heartbeat and a running handler."""
@@ -117,7 +223,8 @@ class Context:
             any token lower than the highest they have seen.
         idempotency_key: the key the task was enqueued with, or None.
         args: the task's args.
-        conn: the task's connection, inside the transaction that commits with the completion.
+        conn: the task's connection (a :class:`TaskConnection`), inside the transaction that
+            commits with the completion; it and its cursors refuse to end that transaction.
         log: a structlog logger bound with the task's keys.
         worker_id: the worker running it.
     """
@@ -153,10 +260,10 @@ class Context:
         self._lease = lease
         self._services = services
 
-    def cursor(self, *args: Any, **kwargs: Any) -> psycopg.Cursor[Any]:
-        """A cursor on the task's connection (inside the task's transaction)."""
-        cur: psycopg.Cursor[Any] = self.conn.raw.cursor(*args, **kwargs)
-        return cur
+    def cursor(self, *args: Any, **kwargs: Any) -> TaskCursor:
+        """A cursor on the task's connection, inside the task's transaction: ``ctx.conn.cursor``
+        (a :class:`TaskCursor`, which refuses statements that would end the transaction)."""
+        return self.conn.cursor(*args, **kwargs)
 
     @property
     def lease_lost(self) -> bool:

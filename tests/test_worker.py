@@ -199,26 +199,35 @@ def test_retry_nonretryable_and_non_json_result(
 
 
 #: How a handler can try to end its own transaction, and whether its write survives. pgidem's
-#: wrapper refuses the first five; the raw connection's COMMIT cannot be stopped (only noticed).
+#: connection wrapper, and the cursors it hands out, refuse every attempt through ctx.conn and
+#: ctx.cursor(); a COMMIT through the raw connection (ctx.conn.raw, the documented way around
+#: the guard) or libpq underneath it cannot be stopped, only noticed.
 ENDINGS = [
     ("commit", 0),
     ("rollback", 0),
     ("close", 0),
     ("execute_commit", 0),
+    ("cursor_commit", 0),
+    ("conn_cursor_rollback", 0),
+    ("cursor_executemany_commit", 0),
+    ("result_cursor_commit", 0),
+    ("cursor_connection_commit", 0),
     ("raw_rollback", 0),
     ("raw_close", 0),
     ("raw_commit", 1),
-    ("cursor_commit", 1),
+    ("raw_cursor_commit", 1),
+    ("pgconn_commit", 1),
 ]
 
 
 def test_handler_ending_its_transaction_never_succeeds(
     dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
 ) -> None:
-    """A handler that commits (conn.commit(), execute("COMMIT"), through the raw connection or
-    a cursor), rolls back or closes the task's connection never yields `succeeded`: its attempt
-    fails (TransactionEnded) without retry, even when it swallowed pgidem's refusal; tasks that
-    ran before it in the same batch transaction still end exactly once, and the worker lives."""
+    """A handler that commits (conn.commit(), execute("COMMIT"), a cursor's execute, through
+    the raw connection or libpq), rolls back or closes the task's connection never yields
+    `succeeded`: its attempt fails (TransactionEnded) without retry, even when it swallowed
+    pgidem's refusal; through ctx.conn and ctx.cursor() its write never commits; tasks that ran
+    before it in the same batch transaction still end exactly once, and the worker lives."""
     before = app.enqueue_many("write", [{"n": i} for i in range(3)])
     ends = {how: app.enqueue("ends_transaction", {"how": how}).id for how, _ in ENDINGS}
     after = app.enqueue_many("write", [{"n": i} for i in range(3)])

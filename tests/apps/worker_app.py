@@ -106,6 +106,22 @@ def ends_transaction(ctx: pgidem.Context, how: str) -> dict[str, Any]:
             ctx.conn.raw.close()
         elif how == "cursor_commit":
             ctx.cursor().execute("COMMIT")
+        elif how == "conn_cursor_rollback":
+            with ctx.conn.cursor() as cur:
+                cur.execute("ROLLBACK")
+        elif how == "cursor_executemany_commit":
+            ctx.cursor().executemany("COMMIT", [()])
+        elif how == "result_cursor_commit":
+            # The cursor conn.execute returns is guarded too.
+            ctx.conn.execute("SELECT 1").execute("COMMIT")
+        elif how == "cursor_connection_commit":
+            ctx.cursor().connection.commit()
+        elif how == "raw_cursor_commit":
+            # The documented way around the guard (ctx.conn.raw): not refused, only noticed.
+            ctx.conn.raw.cursor().execute("COMMIT")
+        elif how == "pgconn_commit":
+            # libpq itself, under psycopg: only noticed, by the transaction's status.
+            ctx.conn.pgconn.exec_(b"COMMIT")
         else:
             raise AssertionError(how)
     except pgidem.InvalidState:
