@@ -30,6 +30,7 @@ import psycopg
 from pgidem import _store
 from pgidem.app import dump_json
 from pgidem.errors import (
+    MAX_ERROR_MESSAGE,
     InvalidInput,
     LeaseLost,
     PgidemError,
@@ -119,7 +120,7 @@ def _describe(exc: BaseException) -> tuple[str, str]:
     name = (
         cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
     )
-    return name, str(exc)[:2000]
+    return name, str(exc)[:MAX_ERROR_MESSAGE]
 
 
 def _step_error(name: str, key: str, exc: Exception) -> Exception:

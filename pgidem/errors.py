@@ -46,6 +46,13 @@ SQLSTATE_NOT_FOUND = "PI003"
 #: SQLSTATE raised by pgidem's SQL functions for an operation not allowed in the task's state.
 SQLSTATE_INVALID_STATE = "PI004"
 
+#: The longest error message kept (on an attempt row, a dead task's outcome, a step call), in
+#: characters: a longer message keeps its first MAX_ERROR_MESSAGE characters.
+MAX_ERROR_MESSAGE = 2000
+#: The longest traceback kept on an attempt row, in characters: a longer one keeps its last
+#: MAX_TRACEBACK characters (the end, where the error was raised).
+MAX_TRACEBACK = 16000
+
 
 class PgidemError(Exception):
     """Root of every error pgidem raises."""

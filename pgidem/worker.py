@@ -50,6 +50,8 @@ from pgidem import errors as _errors
 from pgidem.app import App, Task, dump_json
 from pgidem.context import Context, LeaseState
 from pgidem.errors import (
+    MAX_ERROR_MESSAGE,
+    MAX_TRACEBACK,
     InvalidInput,
     NonRetryable,
     PgidemError,
@@ -59,11 +61,6 @@ from pgidem.errors import (
 
 if TYPE_CHECKING:
     from pgidem._scheduler import SchedulerConfig
-
-#: The longest error message kept on an attempt row, in characters.
-MAX_ERROR_MESSAGE = 2000
-#: The longest traceback kept on an attempt row, in characters.
-MAX_TRACEBACK = 16000
 
 #: A worker whose heartbeat is older than this, in seconds, is gone: its row in
 #: pgidem.workers is removed by the heartbeat of any live worker (heartbeats come every 2 s

@@ -16,7 +16,8 @@ import pgidem
 from examples.payments import app as payments
 from pgidem import _steps
 from pgidem.cli import main
-from tests.apps import effects_app
+from pgidem.errors import MAX_ERROR_MESSAGE
+from tests.apps import LONG_MESSAGE, effects_app
 from tests.effects_support import (
     Faults,
     payment_service,
@@ -125,6 +126,23 @@ def test_failing_step_keeps_its_error_on_the_attempt_and_retries(dsn: str) -> No
     assert calls[0]["error_class"] == "ConnectionError"
     assert calls[0]["step_key"] == calls[1]["step_key"]
     assert "failed: ConnectionError: downstream unreachable on attempt 1" in calls[0]["summary"]
+
+
+def test_step_error_message_is_cut_to_the_documented_limit(dsn: str) -> None:
+    """A step's fn raising a 10,000-character message: the step call keeps exactly its first
+    2,000 characters (MAX_ERROR_MESSAGE), and so does the attempt's StepFailed message."""
+    assert MAX_ERROR_MESSAGE == 2000
+    app = pgidem.App(dsn)
+    handle = app.enqueue("long_step_error", max_attempts=1)
+    with thread_worker(effects_app.app, dsn), pytest.raises(pgidem.TaskFailed):
+        handle.result(timeout=30)
+    app.close()
+    (call,) = rows(dsn, "SELECT status, error_class, error_message FROM pgidem.step_calls")
+    assert (call["status"], call["error_class"]) == ("failed", "RuntimeError")
+    assert call["error_message"] == LONG_MESSAGE[:2000]
+    (attempt,) = rows(dsn, "SELECT error_class, error_message FROM pgidem.attempts")
+    assert attempt["error_class"] == "pgidem.errors.StepFailed"
+    assert attempt["error_message"] == f"step 'boom' failed: RuntimeError: {LONG_MESSAGE}"[:2000]
 
 
 def test_non_retryable_from_a_step_fails_the_task_for_good(dsn: str) -> None:

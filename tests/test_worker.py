@@ -13,6 +13,8 @@ import psycopg
 import pytest
 
 import pgidem
+from pgidem.errors import MAX_ERROR_MESSAGE, MAX_TRACEBACK
+from tests.apps import LONG_MESSAGE
 from tests.apps.worker_app import LEDGER_DDL
 from tests.helpers import rows, scalar, wait_until
 
@@ -196,6 +198,31 @@ def test_retry_nonretryable_and_non_json_result(
     assert scalar(dsn, "SELECT count(*) FROM ledger WHERE task_id = %s", (final.id,)) == 0
     assert scalar(dsn, "SELECT count(*) FROM ledger WHERE task_id = %s", (bad.id,)) == 0
     assert scalar(dsn, "SELECT count(*) FROM pgidem.outcomes WHERE state = 'succeeded'") == 1
+
+
+def test_long_error_message_and_traceback_are_cut_to_the_documented_limits(
+    dsn: str, app: pgidem.App, spawn_worker: Any
+) -> None:
+    """A handler raising a 10,000-character message (chained to another as long): the attempt
+    row keeps exactly its first 2,000 characters, and the last 16,000 of the traceback (which
+    end with the error's own line); the dead outcome and last_error carry the same cut message
+    (docs/errors.md, "Limits")."""
+    assert (MAX_ERROR_MESSAGE, MAX_TRACEBACK) == (2000, 16000)  # the figures documented
+    assert len(LONG_MESSAGE) == 10000
+    handle = app.enqueue("long_error", {}, max_attempts=1)
+    spawn_worker(dsn, "--concurrency", "1", "--poll-interval", "0.1")
+    wait_all(dsn, 1, timeout=30)
+
+    (tried,) = attempts(dsn, handle.id)
+    assert tried["status"] == "failed" and tried["error_class"] == "ValueError"
+    assert tried["error_message"] == LONG_MESSAGE[:2000]
+    # Both messages are in the whole traceback (over 20,000 characters): the end is kept.
+    assert len(tried["error_traceback"]) == 16000
+    assert tried["error_traceback"].endswith(f"ValueError: {LONG_MESSAGE}\n")
+    row = task_row(dsn, handle.id)
+    assert row["state"] == "dead"
+    assert row["error"]["message"] == LONG_MESSAGE[:2000]
+    assert row["last_error"] == f"ValueError: {LONG_MESSAGE[:2000]}"
 
 
 #: How a handler can try to end its own transaction, and whether its write survives. pgidem's

@@ -14,6 +14,7 @@ from typing import Any
 
 import pgidem
 from pgidem import LeaseLost, NonRetryable, RetryPolicy, fakepay
+from tests.apps import LONG_MESSAGE
 
 EFFECTS_DDL = """
 CREATE TABLE effects_ledger (
@@ -100,6 +101,16 @@ def hopeless_step(ctx: pgidem.Context) -> None:
         raise NonRetryable("the card was declined")
 
     ctx.step("charge", call)
+
+
+@app.task(max_attempts=1)
+def long_step_error(ctx: pgidem.Context) -> None:
+    """A step whose fn raises a 10,000-character message."""
+
+    def call(key: str) -> None:
+        raise RuntimeError(LONG_MESSAGE)
+
+    ctx.step("boom", call)
 
 
 @app.task(max_attempts=3, retry=FAST)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pgidem
 from pgidem import NonRetryable, Retry, RetryPolicy
+from tests.apps import LONG_MESSAGE
 
 LEDGER_DDL = """
 CREATE TABLE ledger (
@@ -127,6 +128,12 @@ def ends_transaction(ctx: pgidem.Context, how: str) -> dict[str, Any]:
     except pgidem.InvalidState:
         pass
     return {"how": how}
+
+
+@app.task(max_attempts=1)
+def long_error(ctx: pgidem.Context) -> None:
+    """Raises a 10,000-character message, chained to another as long (a long traceback)."""
+    raise ValueError(LONG_MESSAGE) from KeyError(LONG_MESSAGE)
 
 
 @app.task(max_attempts=2)
