@@ -96,6 +96,8 @@ class Claimed:
     thread: threading.Thread | None = None
     #: The slot thread that claimed it (its batch runs on that thread).
     claimer: threading.Thread | None = None
+    #: The error of a failed attempt whose failure was fenced: kept for its attempt row.
+    fenced_error: dict[str, Any] | None = None
     #: Its handler returned (set under the worker's stuck lock, see ``Worker._stuck``).
     returned: bool = False
 
@@ -655,9 +657,7 @@ class Worker:
         if fenced:
             # The fenced attempts are recorded in their own transaction, after the others.
             with contextlib.suppress(PgidemError, psycopg.Error):
-                _store.attempt_finish_unfenced(
-                    conn, tokens=[t.token for t in fenced], status="fenced"
-                )
+                self._record_fenced(conn, fenced)
         return True
 
     def _run_one(self, conn: psycopg.Connection[Any], task: Claimed) -> tuple[str, float]:
@@ -790,6 +790,8 @@ class Worker:
             )
             outcome = "retried"
         if not ok:
+            # Kept for the attempt row, which a fenced claim gets later (_record_fenced).
+            task.fenced_error = record
             return "cancelled" if task.lease.cancelled.is_set() else "fenced"
         task_log.debug("task_error", error_class=record["class"], error=record["message"])
         return outcome
@@ -813,6 +815,7 @@ class Worker:
         with self._connection() as fresh:
             outcome = self._fail(fresh, task, self.app.tasks[task.task_name], err, self.log)
             self._finished(task, outcome, duration)
+            fenced = [task] if outcome == "fenced" else []
             for other, other_outcome, other_duration in done:
                 row = _store.task_get(fresh, other.task_id)
                 if row is None or row["fencing_token"] != other.token:
@@ -830,9 +833,23 @@ class Worker:
                     registered = self.app.tasks[other.task_name]
                     retried = self._fail(fresh, other, registered, lost, self.log)
                     self._finished(other, retried, other_duration)
-            fenced = [other.token for other, outcome, _ in done if outcome == "fenced"]
-            if fenced:
-                _store.attempt_finish_unfenced(fresh, tokens=fenced, status="fenced")
+                    if retried == "fenced":
+                        fenced.append(other)
+            fenced += [other for other, other_outcome, _ in done if other_outcome == "fenced"]
+            self._record_fenced(fresh, fenced)
+
+    def _record_fenced(self, conn: psycopg.Connection[Any], tasks: list[Claimed]) -> None:
+        """Finish the attempt rows of fenced claims as ``fenced``: one statement for those
+        without an error, one per failed attempt whose failure was fenced (keeping its error
+        class, message and traceback)."""
+        plain = [t.token for t in tasks if t.fenced_error is None]
+        if plain:
+            _store.attempt_finish_unfenced(conn, tokens=plain, status="fenced")
+        for task in tasks:
+            if task.fenced_error is not None:
+                _store.attempt_finish_unfenced(
+                    conn, tokens=[task.token], status="fenced", error=task.fenced_error
+                )
 
     def _finished(
         self, task: Claimed, outcome: str, duration: float, error: str | None = None

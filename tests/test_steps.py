@@ -4,7 +4,10 @@ loopback and real worker processes where a worker must die or stall."""
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +20,14 @@ from examples.payments import app as payments
 from pgidem import _steps
 from pgidem.cli import main
 from pgidem.errors import MAX_ERROR_MESSAGE
+from pgidem.fakepay import FakePaymentService
 from tests.apps import LONG_MESSAGE, effects_app
 from tests.effects_support import (
     Faults,
     payment_service,
     rows,
     thread_worker,
+    worker_pid,
     worker_processes,
 )
 from tests.helpers import scalar, wait_until
@@ -301,3 +306,112 @@ def test_payments_example_worker_killed_between_call_and_record(
     shown = CliRunner().invoke(main, ["show", str(handle.id), "--dsn", dsn])
     assert shown.exit_code == 0, shown.output
     assert "step charge on attempt 1 (token 1): called, not recorded" in shown.output
+
+
+class StaleTokenGate(FakePaymentService):
+    """The payment service, holding back the first charge request it gets: its worker is
+    stopped (SIGSTOP) until a newer claim's request for the same key has been applied, then
+    resumed, and only then does the held request reach the service's logic, carrying the
+    older fencing token after the newer one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held_pid: int | None = None
+        self.newer_applied = threading.Event()
+        self._gate = threading.Lock()
+
+    def handle_charge(
+        self, key: str, token: int | None, body: dict[str, Any], headers: Mapping[str, str]
+    ) -> tuple[int, dict[str, Any], bool]:
+        with self._gate:
+            first = self.held_pid is None
+            if first:
+                self.held_pid = worker_pid(headers)
+        if first:
+            assert self.held_pid is not None
+            os.kill(self.held_pid, signal.SIGSTOP)
+            self.newer_applied.wait(60)
+            os.kill(self.held_pid, signal.SIGCONT)
+            return super().handle_charge(key, token, body, headers)
+        answer = super().handle_charge(key, token, body, headers)
+        if answer[0] == 201:
+            self.newer_applied.set()
+        return answer
+
+
+STALE_TOKEN_APPS = {
+    "effects_app": (
+        "tests.apps.effects_app:app",
+        "default",
+        "pay",
+        {"amount": 100},
+        "pgidem:pay:key:stale-token:charge",
+        "SELECT token AS fencing_token FROM effects_ledger",
+    ),
+    "payments_example": (
+        "examples.payments.app:app",
+        "payments",
+        "charge_order",
+        {"order_id": 7, "amount": 700},
+        "pgidem:charge_order:key:stale-token:charge",
+        "SELECT fencing_token FROM payments_ledger",
+    ),
+}
+
+
+@pytest.mark.parametrize("which", sorted(STALE_TOKEN_APPS))
+def test_stale_fencing_token_refused_by_the_service_fails_the_attempt_as_lease_lost(
+    dsn: str, conn: psycopg.Connection[Any], tmp_path: Path, which: str
+) -> None:
+    """Worker A's charge request reaches the payment service only after worker B, which rescued
+    the task from A (stopped past its lease), charged with a newer token. The service refuses
+    A's older token (409 stale_token, nothing applied); A's handler turns that into LeaseLost,
+    as examples/payments and tests/apps/effects_app do: A's attempt ends `fenced` with the
+    LeaseLost error kept on its row, its step call `failed`, nothing of it committed; B's
+    charge is the one applied, recorded and in the ledger, once."""
+    app_path, queue, task_name, args, key, ledger_query = STALE_TOKEN_APPS[which]
+    conn.execute(effects_app.EFFECTS_DDL)
+    payments.create_ledger(conn)
+    with StaleTokenGate() as service:
+        env = {"PAYMENTS_URL": service.url}
+        app = pgidem.App(dsn)
+        handle = app.enqueue(task_name, args, queue=queue, idempotency_key="stale-token")
+        worker_args = ("--lease", "1.5", "--poll-interval", "0.2", "--concurrency", "1")
+        with worker_processes(dsn, tmp_path, 2, *worker_args, app=app_path, env=env):
+            handle.result(timeout=60)
+            wait_until(
+                lambda: (
+                    scalar(dsn, "SELECT status FROM pgidem.attempts WHERE attempt = 1") == "fenced"
+                ),
+                timeout=30,
+                message="the stale attempt to be recorded as fenced",
+            )
+        app.close()
+        snapshot = service.snapshot()
+    stats = snapshot["stats"]
+    assert stats["calls_per_key"] == {key: 2}
+    assert (stats["applied"], stats["replayed"], stats["stale_refused"]) == (1, 0, 1)
+    old, new = rows(
+        dsn,
+        "SELECT fencing_token, status, error_class, error_message FROM pgidem.attempts"
+        " ORDER BY fencing_token",
+    )
+    assert [c["token"] for c in snapshot["charges"]] == [new["fencing_token"]]
+    assert new["status"] == "succeeded"
+    assert old["status"] == "fenced"
+    assert old["error_class"] == "pgidem.errors.LeaseLost"
+    assert "409" in old["error_message"] and "stale_token" in old["error_message"]
+    calls = rows(
+        dsn,
+        "SELECT fencing_token, status, error_class FROM pgidem.step_calls ORDER BY fencing_token",
+    )
+    assert [(c["fencing_token"], c["status"], c["error_class"]) for c in calls] == [
+        (old["fencing_token"], "failed", "pgidem.errors.LeaseLost"),
+        (new["fencing_token"], "recorded", None),
+    ]
+    assert rows(dsn, "SELECT fencing_token FROM pgidem.steps") == [
+        {"fencing_token": new["fencing_token"]}
+    ]
+    assert rows(dsn, ledger_query) == [{"fencing_token": new["fencing_token"]}]
+    outcome = rows(dsn, "SELECT state, fencing_token FROM pgidem.outcomes")
+    assert outcome == [{"state": "succeeded", "fencing_token": new["fencing_token"]}]
