@@ -403,6 +403,12 @@ class Worker:
         # Leases of claimed tasks that never started go back (slots release their own; this
         # catches any left by a slot that did not get to it).
         self._release_unstarted()
+        # The heartbeat ends its loop on the stop, but one beat may be under way (it is the
+        # heartbeat that stops a worker whose slots are all stuck): let it finish, or its upsert
+        # of the worker's row could come after the deregistration and leave the row behind.
+        for thread in self._threads:
+            if thread.name == "pgidem-heartbeat" and thread is not threading.current_thread():
+                thread.join(min(self.config.lease, 10.0))
         with contextlib.suppress(Exception), self._connection() as conn:
             _store.worker_deregister(conn, self.worker_id)
         if self._pool is not None:
@@ -995,6 +1001,8 @@ class Worker:
                     )
                 elif not current and not task.lease.lost.is_set() and not cancelled:
                     self._mark_lost(task, "superseded")
+        if self._stopping.is_set():
+            return  # the worker's row is being removed: do not register it again
         self._upsert_worker(conn)
         if time.monotonic() - self._pruned_workers_at > STALE_WORKER_S / 2:
             # Workers that died without deregistering (SIGKILL, lost host) leave their row;
