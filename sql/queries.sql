@@ -89,14 +89,24 @@ WITH limits AS (
      LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED
 ), fresh AS (
-    SELECT t.id
-      FROM pgidem.tasks t
-     WHERE t.state = 'queued' AND t.run_at <= now()
-       AND t.queue = ANY(%(queues)s::text[]) AND t.task_name = ANY(%(task_names)s::text[])
-       AND t.queue NOT IN (SELECT l.queue FROM limits l)
-     ORDER BY t.priority DESC, t.run_at, t.id
+    -- One index scan per queue, in the index's order (tasks_claimable): `queue = ANY(...)` over
+    -- the whole table would read and sort every queued row of those queues on each claim. Each
+    -- queue's scan stops after `limit` rows; the best of them across queues are kept (the few
+    -- extra rows locked stay locked only until this short transaction commits).
+    SELECT f.id
+      FROM unnest(%(queues)s::text[]) AS q(queue)
+      CROSS JOIN LATERAL (
+          SELECT t.id, t.priority, t.run_at
+            FROM pgidem.tasks t
+           WHERE t.state = 'queued' AND t.queue = q.queue AND t.run_at <= now()
+             AND t.task_name = ANY(%(task_names)s::text[])
+           ORDER BY t.priority DESC, t.run_at, t.id
+           LIMIT %(limit)s
+             FOR UPDATE SKIP LOCKED
+      ) f
+     WHERE q.queue NOT IN (SELECT l.queue FROM limits l)
+     ORDER BY f.priority DESC, f.run_at, f.id
      LIMIT (SELECT %(limit)s - count(*) FROM rescued)
-       FOR UPDATE SKIP LOCKED
 ), limited_candidates AS (
     -- The first runnable tasks of each locked queue whose key (if any) has a free slot; a few
     -- more than the room, since several may share a key.
@@ -157,8 +167,7 @@ WITH limits AS (
        SET status = 'lease_expired', finished_at = now(),
            error_class = 'LeaseExpired',
            error_message = 'the lease expired before the attempt finished (worker died or stalled)'
-      FROM rescued r
-     WHERE a.task_id = r.id AND a.status = 'running'
+     WHERE a.task_id = ANY(ARRAY(SELECT id FROM rescued)) AND a.status = 'running'
 ), exhausted AS (
     -- No attempt left: a rescued task whose every attempt lost its lease; and, as a backstop,
     -- a queued one (no path should leave it so; claiming it would break the attempts CHECK and
@@ -168,9 +177,9 @@ WITH limits AS (
            last_error = CASE WHEN t.state = 'running'
                              THEN 'LeaseExpired: the lease expired on every one of its attempts'
                              ELSE 'AttemptsExhausted: no attempt left to run it' END
-      FROM (SELECT id FROM rescued UNION ALL SELECT id FROM fresh
-            UNION ALL SELECT id FROM limited) r
-     WHERE t.id = r.id AND t.attempts >= t.max_attempts
+     WHERE t.id = ANY(ARRAY(SELECT id FROM rescued UNION ALL SELECT id FROM fresh
+                            UNION ALL SELECT id FROM limited))
+       AND t.attempts >= t.max_attempts
     RETURNING t.id, t.fencing_token, t.attempts, t.last_error
 ), exhausted_outcomes AS (
     INSERT INTO pgidem.outcomes (task_id, fencing_token, state, error)
@@ -187,12 +196,15 @@ WITH limits AS (
            lease_owner = %(worker_id)s,
            lease_expires_at = now() + make_interval(secs => %(lease_s)s),
            started_at = now()
-     WHERE t.id IN (SELECT id FROM fresh
-                    UNION ALL
-                    SELECT id FROM limited
-                    UNION ALL
-                    SELECT id FROM rescued)
-       AND t.id NOT IN (SELECT id FROM exhausted)
+     -- `= ANY(ARRAY(...))`: the planner cannot know how few ids the CTEs give, and with a join
+     -- it may scan the whole table (history included) to find a batch; an id array is looked
+     -- up in the primary key.
+     WHERE t.id = ANY(ARRAY(SELECT id FROM fresh
+                            UNION ALL
+                            SELECT id FROM limited
+                            UNION ALL
+                            SELECT id FROM rescued))
+       AND t.id <> ALL(ARRAY(SELECT id FROM exhausted))
     RETURNING t.id, t.task_name, t.queue, t.args, t.idempotency_key, t.priority, t.attempts,
               t.max_attempts, t.fencing_token, t.run_at
 ), new_attempts AS (
