@@ -152,6 +152,19 @@ def task_complete(conn: Conn, *, task_id: int, token: int, result_json: str) -> 
     return row is not None
 
 
+def task_complete_many(
+    conn: Conn, *, task_ids: Sequence[int], tokens: Sequence[int], results_json: Sequence[str]
+) -> set[int]:
+    """The fenced completions of tasks that wrote nothing, in one statement; return the ids
+    completed (a task not among them was fenced)."""
+    rows = _all(
+        conn,
+        "task_complete_many",
+        {"task_ids": list(task_ids), "tokens": list(tokens), "results": list(results_json)},
+    )
+    return {int(r["task_id"]) for r in rows}
+
+
 def task_retry_later(
     conn: Conn, *, task_id: int, token: int, delay_s: float, error: dict[str, Any]
 ) -> bool:

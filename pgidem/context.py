@@ -49,9 +49,15 @@ class TaskConnection:
     savepoint of your own.
     """
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    def __init__(
+        self, conn: psycopg.Connection[Any], on_first_use: Callable[[], None] | None = None
+    ) -> None:
         object.__setattr__(self, "_conn", conn)
         object.__setattr__(self, "_misused", "")
+        # Called once, before the handler first reaches the connection: the worker opens the
+        # task's savepoint there, so a handler that never touches the database costs none.
+        object.__setattr__(self, "_on_first_use", on_first_use)
+        object.__setattr__(self, "_used", False)
 
     @property
     def misused(self) -> str:
@@ -65,8 +71,19 @@ class TaskConnection:
         return InvalidState(message)
 
     @property
+    def used(self) -> bool:
+        """Whether the handler reached the connection (through any method or attribute)."""
+        used: bool = object.__getattribute__(self, "_used")
+        return used
+
+    @property
     def raw(self) -> psycopg.Connection[Any]:
         """The underlying psycopg connection (for APIs that need the real type)."""
+        if not object.__getattribute__(self, "_used"):
+            object.__setattr__(self, "_used", True)
+            hook = object.__getattribute__(self, "_on_first_use")
+            if hook is not None:
+                hook()
         conn: psycopg.Connection[Any] = object.__getattribute__(self, "_conn")
         return conn
 
@@ -245,6 +262,7 @@ class Context:
         worker_id: str,
         lease: LeaseState,
         services: Any = None,
+        on_first_use: Callable[[], None] | None = None,
     ) -> None:
         self.task_id = task_id
         self.task_name = task_name
@@ -254,7 +272,7 @@ class Context:
         self.fencing_token = fencing_token
         self.idempotency_key = idempotency_key
         self.args = args
-        self.conn = TaskConnection(conn)
+        self.conn = TaskConnection(conn, on_first_use)
         self.log = log
         self.worker_id = worker_id
         self._lease = lease

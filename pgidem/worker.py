@@ -3,9 +3,11 @@
 Threads, and what each one does:
 
 * N **slots**: each claims a batch of tasks (one short transaction), then runs them one after
-  another in a *completion transaction*: per task ``SAVEPOINT``, the handler (its writes go
-  through ``ctx.conn``), the fenced completion, ``RELEASE``; a failing or fenced task rolls back
-  to its savepoint and the others commit together. The transaction commits at the end of the
+  another in a *completion transaction*: per task the handler (its writes go through
+  ``ctx.conn``, behind a ``SAVEPOINT`` opened when it first reaches the connection) and, for a
+  task that wrote, its fenced completion; a failing or fenced task rolls back to its savepoint
+  and the others commit together. Tasks that never reached the connection wrote nothing: their
+  fenced completions go in one statement just before COMMIT. The transaction commits at the end of the
   batch, or earlier once it has been open ``commit_interval`` seconds, so a batch costs one
   commit however many tasks it holds. Each slot has its own pooled connection.
 * one **heartbeat**: extends every lease this worker holds in one statement, marks lost leases
@@ -74,6 +76,21 @@ STALE_WORKER_S = 60.0
 EXIT_STUCK = 75
 
 _SAVEPOINT = "pgidem_task"
+# A task's savepoint is opened when its handler first reaches the connection; the previous
+# task's, if any, is released in the same round trip (COMMIT would release it anyway).
+_SAVEPOINT_OPEN = f"SAVEPOINT {_SAVEPOINT}"
+_SAVEPOINT_RENEW = f"RELEASE SAVEPOINT {_SAVEPOINT}; SAVEPOINT {_SAVEPOINT}"
+
+
+@dataclass
+class _Txn:
+    """What one completion transaction carries from task to task."""
+
+    #: A savepoint of an earlier task is open (to release when the next one opens).
+    savepoint_open: bool = False
+    #: Tasks whose handlers succeeded without reaching the connection: token -> result JSON.
+    #: They wrote nothing, so their fenced completions wait for one statement before COMMIT.
+    deferred: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -96,10 +113,10 @@ class Claimed:
     thread: threading.Thread | None = None
     #: The slot thread that claimed it (its batch runs on that thread).
     claimer: threading.Thread | None = None
-    #: The error of a failed attempt whose failure was fenced: kept for its attempt row.
-    fenced_error: dict[str, Any] | None = None
     #: Its handler returned (set under the worker's stuck lock, see ``Worker._stuck``).
     returned: bool = False
+    #: The error of a failed attempt whose failure was fenced: kept for its attempt row.
+    fenced_error: dict[str, Any] | None = None
 
 
 @dataclass
@@ -593,6 +610,7 @@ class Worker:
         current: Claimed | None = None
         committing = False
         opened = time.monotonic()
+        txn = _Txn()
         conn.execute("BEGIN")
         try:
             while pending and not self._stopping.is_set():
@@ -623,11 +641,11 @@ class Worker:
                     self._release([current])
                     current = None
                     continue
-                outcome, duration = self._run_one(conn, current)
+                outcome, duration = self._run_one(conn, current, txn)
                 if outcome == "ended_transaction":
                     # The handler ended the transaction: what came before it in this
                     # transaction is in an unknown state (committed or rolled back).
-                    self._recover_after_ended_transaction(done, current, duration)
+                    self._recover_after_ended_transaction(done, current, duration, txn)
                     return not conn.closed
                 done.append((current, outcome, duration))
                 # Its row is now locked by this transaction (or its claim is over): the
@@ -639,6 +657,8 @@ class Worker:
                     fenced.append(done[-1][0])
                 if outcome == "abandoned":
                     break
+            if txn.deferred:
+                fenced += self._complete_deferred(conn, done, txn)
             committing = True
             conn.execute("COMMIT")
         except BaseException as exc:
@@ -666,9 +686,44 @@ class Worker:
                 self._record_fenced(conn, fenced)
         return True
 
-    def _run_one(self, conn: psycopg.Connection[Any], task: Claimed) -> tuple[str, float]:
-        """Run one task inside the open transaction; return (outcome, seconds)."""
+    def _complete_deferred(
+        self, conn: psycopg.Connection[Any], done: list[tuple[Claimed, str, float]], txn: _Txn
+    ) -> list[Claimed]:
+        """Complete the transaction's deferred tasks in one fenced statement; settle their
+        outcomes in ``done``; return those that were fenced."""
+        deferred = [(i, t) for i, (t, outcome, _) in enumerate(done) if outcome == "deferred"]
+        completed = _store.task_complete_many(
+            conn,
+            task_ids=[t.task_id for _, t in deferred],
+            tokens=[t.token for _, t in deferred],
+            results_json=[txn.deferred[t.token] for _, t in deferred],
+        )
+        fenced = []
+        for i, task in deferred:
+            if task.task_id in completed:
+                outcome = "succeeded"
+            elif task.lease.cancelled.is_set():
+                outcome = "cancelled"
+            else:
+                outcome = "fenced"
+                fenced.append(task)
+            done[i] = (task, outcome, done[i][2])
+        return fenced
+
+    def _run_one(
+        self, conn: psycopg.Connection[Any], task: Claimed, txn: _Txn
+    ) -> tuple[str, float]:
+        """Run one task inside the open transaction; return (outcome, seconds). A handler
+        that never reached the connection gets no savepoint, and its completion is deferred
+        (outcome ``deferred``) to one statement for the whole transaction."""
         registered: Task = self.app.tasks[task.task_name]
+        savepoint = False
+
+        def open_savepoint() -> None:
+            nonlocal savepoint
+            conn.execute(_SAVEPOINT_RENEW if txn.savepoint_open else _SAVEPOINT_OPEN)
+            txn.savepoint_open = savepoint = True
+
         task_log = self.log.bind(
             task_id=task.task_id,
             task_name=task.task_name,
@@ -690,8 +745,8 @@ class Worker:
             worker_id=self.worker_id,
             lease=task.lease,
             services=self,
+            on_first_use=open_savepoint,
         )
-        conn.execute(f"SAVEPOINT {_SAVEPOINT}")
         task.thread = threading.current_thread()
         task.started_at = time.monotonic()
         error: BaseException | None = None
@@ -713,9 +768,14 @@ class Worker:
         status = conn.info.transaction_status
         if conn.closed or status == psycopg.pq.TransactionStatus.IDLE:
             return "ended_transaction", duration
+        # The task's writes, if it made any, go back to its savepoint. (Without a savepoint the
+        # transaction cannot be in error through this task; if it is anyway, the statement
+        # fails and the whole transaction rolls back, which is safe.)
+        rollback = savepoint or status == psycopg.pq.TransactionStatus.INERROR
         if task.lease.abandoned.is_set():
             # Past its timeout the heartbeat already failed the attempt; nothing of it commits.
-            conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+            if rollback:
+                conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
             return "abandoned", duration
         if ctx.conn.misused:
             # It tried to end the transaction and pgidem refused; even if it carried on, its
@@ -730,14 +790,18 @@ class Worker:
                 "database error and went on); its writes were rolled back"
             )
         if error is None:
+            if not savepoint:
+                txn.deferred[task.token] = result_json
+                return "deferred", duration
             if _store.task_complete(
                 conn, task_id=task.task_id, token=task.token, result_json=result_json
             ):
-                conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+                # Its savepoint is released when the next task opens one, or by COMMIT.
                 return "succeeded", duration
             conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
             return ("cancelled" if task.lease.cancelled.is_set() else "fenced"), duration
-        conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+        if rollback:
+            conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
         return self._fail(conn, task, registered, error, task_log), duration
 
     def _check_args_fit(self, registered: Task, ctx: Context, args: dict[str, Any]) -> None:
@@ -803,7 +867,7 @@ class Worker:
         return outcome
 
     def _recover_after_ended_transaction(
-        self, done: list[tuple[Claimed, str, float]], task: Claimed, duration: float
+        self, done: list[tuple[Claimed, str, float]], task: Claimed, duration: float, txn: _Txn
     ) -> None:
         """A handler committed, rolled back or closed the task's connection. Fail its attempt
         without retrying (its own commit may have made its writes stick: retrying could repeat
@@ -829,6 +893,17 @@ class Worker:
                 elif row["state"] != "running" or other_outcome == "fenced":
                     # The handler's COMMIT committed what this task recorded before it.
                     self._finished(other, other_outcome, other_duration)
+                elif other_outcome == "deferred":
+                    # It wrote nothing and its completion had not been sent: send it now.
+                    completed = _store.task_complete(
+                        fresh,
+                        task_id=other.task_id,
+                        token=other.token,
+                        result_json=txn.deferred[other.token],
+                    )
+                    self._finished(other, "succeeded" if completed else "fenced", other_duration)
+                    if not completed:
+                        fenced.append(other)
                 else:
                     # Its completion was rolled back with the handler's ROLLBACK (or close):
                     # nothing of it stuck, so it runs again by its policy (the claim counted).

@@ -238,6 +238,43 @@ WITH done AS (
 )
 SELECT task_id FROM outcome;
 
+-- name: task_complete_many
+-- The fenced completions of the tasks whose handlers never reached the task's connection (no
+-- writes of theirs to keep or roll back), one statement for all of them, just before COMMIT.
+-- `current` locks each row whose token is still the claim's and which is still running (a lock
+-- wait re-checks both on the newest row version); the outcome is inserted ON CONFLICT DO NOTHING
+-- and only the tasks whose outcome went in are marked succeeded, so that the task and its
+-- outcome change together or not at all. Returns the ids completed; a task missing from them was
+-- fenced (or cancelled) and nothing of it is written. `id = ANY(...)` so that the few rows are
+-- looked up in the primary key whatever the planner guesses of the arrays.
+WITH input AS (
+    SELECT i.id, i.token, i.result
+      FROM unnest(%(task_ids)s::bigint[], %(tokens)s::bigint[], %(results)s::jsonb[])
+           AS i(id, token, result)
+), current_claims AS (
+    SELECT t.id, i.token, i.result
+      FROM pgidem.tasks t
+      JOIN input i ON i.id = t.id AND i.token = t.fencing_token
+     WHERE t.id = ANY(%(task_ids)s::bigint[]) AND t.state = 'running'
+     ORDER BY t.id
+       FOR UPDATE OF t
+), outcome AS (
+    INSERT INTO pgidem.outcomes (task_id, fencing_token, state, result)
+    SELECT c.id, c.token, 'succeeded', c.result FROM current_claims c
+    ON CONFLICT DO NOTHING
+    RETURNING task_id, fencing_token
+), done AS (
+    UPDATE pgidem.tasks t
+       SET state = 'succeeded', finished_at = now(), lease_owner = NULL,
+           lease_expires_at = NULL, last_error = NULL
+     WHERE t.id = ANY(ARRAY(SELECT task_id FROM outcome))
+), attempt AS (
+    UPDATE pgidem.attempts a
+       SET status = 'succeeded', finished_at = now()
+     WHERE a.fencing_token = ANY(ARRAY(SELECT fencing_token FROM outcome))
+)
+SELECT task_id FROM outcome;
+
 -- name: task_retry_later
 -- A failed attempt whose task may run again: back to queued at run_at, fenced on the token.
 -- Returns one row when the token was still current.

@@ -334,6 +334,53 @@ def test_one_bad_task_in_a_batch_does_not_affect_the_others(
     assert worker.alive()
 
 
+@pytest.mark.slow
+def test_tasks_that_never_touch_the_connection_complete_together_and_fenced(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
+) -> None:
+    """Handlers that never reach ``ctx.conn`` get no savepoint; their completions go in one
+    fenced statement before COMMIT, next to tasks that write. One of them whose claim was
+    taken over while it ran is refused there (no outcome from its stale attempt, attempt
+    ``fenced``) and succeeds once on its next claim; its neighbours are not affected."""
+    warm = [app.enqueue("pure", {"n": -1}).id, app.enqueue("write", {"n": -1}).id]
+    worker = spawn_worker(
+        dsn, "--concurrency", "1", "--poll-interval", "0.1", "--commit-interval", "5"
+    )
+    wait_all(dsn, len(warm), timeout=30)
+
+    at = datetime.now(UTC) + timedelta(seconds=1.5)
+    pure = app.enqueue_many("pure", [{"n": i} for i in range(4)], run_at=at)
+    stale = app.enqueue("pure", {"n": 99, "supersede": True}, run_at=at).id
+    writes = app.enqueue_many("write", [{"n": i} for i in range(3)], run_at=at)
+    pure += app.enqueue_many("pure", [{"n": i} for i in range(4, 8)], run_at=at)
+    wait_all(dsn, len(warm) + 12, timeout=30, finished=("succeeded",))
+
+    assert states(dsn) == {"succeeded": 14}
+    assert scalar(dsn, "SELECT count(*) FROM ledger WHERE n >= 0") == 3
+    assert {r[0] for r in rows(dsn, "SELECT task_id FROM ledger WHERE n >= 0")} == set(writes)
+    for task_id in pure:
+        row = task_row(dsn, task_id)
+        assert row["o_state"] == "succeeded"
+        assert row["result"]["token"] == row["o_token"] == row["fencing_token"]
+        assert [a["status"] for a in attempts(dsn, task_id)] == ["succeeded"]
+    first, second = attempts(dsn, stale)
+    assert first["status"] == "fenced"
+    assert second["status"] == "succeeded"
+    row = task_row(dsn, stale)
+    assert row["o_token"] == second["fencing_token"] == row["result"]["token"]
+    assert scalar(dsn, "SELECT count(*) FROM pgidem.outcomes WHERE task_id = %s", (stale,)) == 1
+    # The batch was one claim: the superseded task was claimed with tasks that succeeded.
+    together = rows(
+        dsn,
+        "SELECT count(*) FROM pgidem.attempts a WHERE a.fencing_token = %s AND EXISTS"
+        " (SELECT 1 FROM pgidem.attempts b WHERE b.task_id = ANY(%s) AND b.status = 'succeeded'"
+        "  AND b.claimed_at = a.claimed_at)",
+        (first["fencing_token"], pure + writes),
+    )[0][0]
+    assert together == 1, "the superseded task was not claimed with the others"
+    assert worker.alive()
+
+
 def test_tasks_without_a_handler_are_not_claimed(
     dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
 ) -> None:

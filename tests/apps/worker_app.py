@@ -55,6 +55,23 @@ def narrow_write(ctx: pgidem.Context, n: int = 0, sleep: float = 0.0) -> dict[st
     return {"n": n}
 
 
+@app.task()
+def pure(ctx: pgidem.Context, n: int = 0, supersede: bool = False) -> dict[str, Any]:
+    """Never touches ``ctx.conn`` (its completion is deferred to one statement per
+    transaction). With ``supersede``, its first attempt plays another worker's rescue on a
+    connection of its own: a new token and an expired lease, as if its claim were taken over."""
+    if supersede and ctx.attempt == 1:
+        import psycopg
+
+        with psycopg.connect(os.environ["PGIDEM_DSN"], autocommit=True) as other:
+            other.execute(
+                "UPDATE pgidem.tasks SET fencing_token = nextval('pgidem.fencing_token_seq'),"
+                " lease_expires_at = now() WHERE id = %s",
+                (ctx.task_id,),
+            )
+    return {"n": n, "token": ctx.fencing_token}
+
+
 @app.task(max_attempts=4, retry=RetryPolicy(base=0.3, cap=1.2, jitter=0.0))
 def always_fails(ctx: pgidem.Context, n: int = 0) -> None:
     """Writes, then raises: the write never commits; retried with backoff 0.3, 0.6, 1.2 s."""
