@@ -7,9 +7,9 @@ Threads, and what each one does:
   ``ctx.conn``, behind a ``SAVEPOINT`` opened when it first reaches the connection) and, for a
   task that wrote, its fenced completion; a failing or fenced task rolls back to its savepoint
   and the others commit together. Tasks that never reached the connection wrote nothing: their
-  fenced completions go in one statement just before COMMIT. The transaction commits at the end of the
-  batch, or earlier once it has been open ``commit_interval`` seconds, so a batch costs one
-  commit however many tasks it holds. Each slot has its own pooled connection.
+  fenced completions go in one statement just before COMMIT. The transaction commits at the
+  end of the batch, or earlier once it has been open ``commit_interval`` seconds, so a batch
+  costs one commit however many tasks it holds. Each slot has its own pooled connection.
 * one **heartbeat**: extends every lease this worker holds in one statement, marks lost leases
   (and cancelled tasks) for their handlers, abandons handlers past their timeout (a new slot
   takes the place of each; when as many handlers are stuck at once as there are slots, the
