@@ -837,9 +837,14 @@ class Injector:
         return True, f"pid {fired['pid']} after charging {fired['task_key']}"
 
     def _fault_pause_past_lease(self) -> tuple[bool | None, str]:
-        pid, _ = self._target(holding=True)
-        if pid is None:
+        # Aim at a worker whose handler has started: a worker paused with only unstarted
+        # batch-mates skips them when it wakes (their leases are gone), which refuses nothing.
+        live = self.supervisor.live()
+        rows = self.db.rows("stability_held_tasks", {"task_name": _stability_app.TASK})
+        running = sorted({r["pid"] for r in rows if r["started"] and r["pid"] in live})
+        if not running:
             return None, ""
+        pid = running[self.rng.randrange(len(running))]
         os.kill(pid, signal.SIGSTOP)
         try:
             time.sleep(0.05)

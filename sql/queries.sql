@@ -500,8 +500,11 @@ SELECT count(*) AS tasks,
  WHERE task_name = %(task_name)s
 
 -- name: stability_held_tasks
--- Which running tasks each worker process holds (by pid, through the worker registry).
-SELECT t.id, t.fencing_token, w.pid
+-- Which running tasks each worker process holds (by pid, through the worker registry), and
+-- whether the claim's handler has started (it opened its charge step's call marker).
+SELECT t.id, t.fencing_token, w.pid,
+       EXISTS (SELECT 1 FROM pgidem.step_calls c
+                WHERE c.task_id = t.id AND c.fencing_token = t.fencing_token) AS started
   FROM pgidem.tasks t
   JOIN pgidem.workers w ON w.id = t.lease_owner
  WHERE t.state = 'running' AND t.task_name = %(task_name)s
