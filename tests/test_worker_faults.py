@@ -329,9 +329,10 @@ def test_connection_dropped_during_commit_leaves_the_outcome_to_the_next_claim(
 
 
 class CommitAckDropper:
-    """A TCP proxy in front of PostgreSQL that, the first time a client sends COMMIT, passes it
-    on, lets the server commit, and then cuts the connection before the reply comes back: the
-    client cannot know that its transaction committed."""
+    """A TCP proxy in front of PostgreSQL (reached over TCP or its Unix socket) that, the first
+    time a client sends COMMIT, passes it on, lets the server commit, and then cuts the
+    connection before the reply comes back: the client cannot know that its transaction
+    committed."""
 
     def __init__(self, host: str, port: int) -> None:
         import socket
@@ -353,7 +354,13 @@ class CommitAckDropper:
                 client, _ = self.server.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.upstream)
+            host, port = self.upstream
+            if host.startswith("/"):
+                # A socket directory (the embedded test server listens on a Unix socket).
+                upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                upstream.connect(f"{host}/.s.PGSQL.{port}")
+            else:
+                upstream = socket.create_connection(self.upstream)
             for src, dst, watch in ((client, upstream, True), (upstream, client, False)):
                 threading.Thread(
                     target=self._pump, args=(src, dst, watch, client, upstream), daemon=True
