@@ -92,13 +92,15 @@ WITH limits AS (
     -- One index scan per queue, in the index's order (tasks_claimable): `queue = ANY(...)` over
     -- the whole table would read and sort every queued row of those queues on each claim. Each
     -- queue's scan stops after `limit` rows; the best of them across queues are kept (the few
-    -- extra rows locked stay locked only until this short transaction commits).
+    -- extra rows locked stay locked only until this short transaction commits). `run_at +
+    -- interval '0'` is not indexable on purpose: as an index condition on tasks_scheduled it
+    -- would let the planner read every runnable row and sort them by priority.
     SELECT f.id
       FROM unnest(%(queues)s::text[]) AS q(queue)
       CROSS JOIN LATERAL (
           SELECT t.id, t.priority, t.run_at
             FROM pgidem.tasks t
-           WHERE t.state = 'queued' AND t.queue = q.queue AND t.run_at <= now()
+           WHERE t.state = 'queued' AND t.queue = q.queue AND t.run_at + interval '0' <= now()
              AND t.task_name = ANY(%(task_names)s::text[])
            ORDER BY t.priority DESC, t.run_at, t.id
            LIMIT %(limit)s
@@ -390,9 +392,10 @@ DELETE FROM pgidem.workers WHERE heartbeat_at < now() - make_interval(secs => %(
 
 -- name: next_run_at
 -- When the earliest scheduled task of these queues becomes runnable (an idle worker sleeps
--- until then, or a NOTIFY, instead of polling). One probe of tasks_scheduled (queue, run_at)
--- per queue, reading one entry each: `queue = ANY(...)` with min(run_at) would read every
--- queued row of those queues (tasks_claimable orders by priority first).
+-- until then, or a NOTIFY, instead of polling). Per queue, a scan of tasks_scheduled
+-- (run_at, queue) from now() that stops at the queue's first entry (it steps over the future
+-- tasks of other queues that come before it): `queue = ANY(...)` with min(run_at) over
+-- tasks_claimable would read every queued row of those queues (it orders by priority first).
 SELECT min(n.run_at) AS run_at
   FROM unnest(%(queues)s::text[]) AS q(queue)
   CROSS JOIN LATERAL (

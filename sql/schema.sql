@@ -825,7 +825,7 @@ CREATE INDEX tasks_lease_expiry ON pgidem.tasks USING btree (lease_expires_at) W
 
 CREATE INDEX tasks_running_key ON pgidem.tasks USING btree (queue, concurrency_key) WHERE ((state = 'running'::text) AND (concurrency_key IS NOT NULL));
 
-CREATE INDEX tasks_scheduled ON pgidem.tasks USING btree (queue, run_at) WHERE (state = 'queued'::text);
+CREATE INDEX tasks_scheduled ON pgidem.tasks USING btree (run_at, queue) WHERE (state = 'queued'::text);
 
 ALTER TABLE ONLY pgidem.attempts
     ADD CONSTRAINT attempts_task_id_fkey FOREIGN KEY (task_id) REFERENCES pgidem.tasks(id) ON DELETE CASCADE;

@@ -3,10 +3,13 @@
 -- (the periodic schedules that schedulers run, for `pgidem status` and psql). See
 -- docs/scheduling.md.
 
--- next_run_at (sql/queries.sql) asks, per queue, for the earliest queued run_at: one probe of
--- this index per queue, reading one entry. tasks_claimable (queue, priority DESC, run_at, id)
--- cannot answer it without reading every queued row of the queue (run_at comes after priority).
-CREATE INDEX tasks_scheduled ON pgidem.tasks (queue, run_at) WHERE state = 'queued';
+-- next_run_at (sql/queries.sql) asks, per queue, for the earliest queued run_at still to come:
+-- a scan of this index from now() on, stopping at the first entry of the queue.
+-- tasks_claimable (queue, priority DESC, run_at, id) cannot answer it without reading every
+-- queued row of the queue (run_at comes after priority). run_at leads, not queue, so that the
+-- claim can never take this index for its `queue = ...` and sort a deep queue by priority
+-- (with (queue, run_at) the planner did, on a misestimate, reading every runnable row).
+CREATE INDEX tasks_scheduled ON pgidem.tasks (run_at, queue) WHERE state = 'queued';
 
 -- pgidem.enqueue and pgidem.enqueue_many as in 0001, except that a delayed task notifies as
 -- well: without it an idle worker would learn of a task due before its next poll only at that
