@@ -370,7 +370,7 @@ class CommitAckDropper:
         try:
             while data := src.recv(65536):
                 cut = False
-                if watch and b"COMMIT" in data:
+                if watch and b"COMMIT\x00" in data:  # the statement itself, not a mention
                     with self._lock:
                         cut = not self.fired.is_set()
                         self.fired.set()
