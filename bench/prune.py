@@ -10,7 +10,7 @@ end unless ``--keep``):
    ``INSERT ... SELECT generate_series``, and ``--queued`` fresh queued tasks to claim
    (refilled whenever they run out); VACUUM ANALYZE;
 2. baseline: ``--claimers`` threads run the worker's claim and fenced completion (the
-   ``task_claim`` and ``task_complete`` queries, batches of ``--claim-batch``, one
+   ``task_claim`` and ``task_complete_many`` queries, batches of ``--claim-batch``, one
    completion transaction per batch) for ``--seconds``, without pruning;
 3. pruning: the claimers keep running while the pruner (pgidem/_pruner.py, as ``pgidem prune``
    and ``pgidem worker --prune-interval`` run it) deletes the old tasks in batches of

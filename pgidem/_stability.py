@@ -779,14 +779,18 @@ class Injector:
                 return
             time.sleep(0.1)
 
-    def _held(self) -> dict[int, dict[int, int]]:
-        """Running tasks per live worker pid: {pid: {task id: token}}."""
+    def _held(self, started: bool = False) -> dict[int, dict[int, int]]:
+        """Running tasks per live worker pid: {pid: {task id: token}}; with ``started``, only
+        the workers among them whose handler of some held task has started."""
         live = self.supervisor.live()
         held: dict[int, dict[int, int]] = {}
+        running: set[int] = set()
         for row in self.db.rows("stability_held_tasks", {"task_name": _stability_app.TASK}):
             if row["pid"] in live:
                 held.setdefault(row["pid"], {})[row["id"]] = row["fencing_token"]
-        return held
+                if row["started"]:
+                    running.add(row["pid"])
+        return {pid: tasks for pid, tasks in held.items() if pid in running} if started else held
 
     def _inject(self, kind: str) -> bool:
         """Inject one fault; return whether it was injected (False: nothing to aim at)."""
@@ -805,11 +809,12 @@ class Injector:
         )
         return True
 
-    def _target(self, holding: bool) -> tuple[int | None, dict[int, int]]:
+    def _target(self, holding: bool, started: bool = False) -> tuple[int | None, dict[int, int]]:
         """A live worker, chosen by the seeded generator: among those holding a running task
-        when ``holding`` (None when none does right now: the fault is tried again later)."""
+        when ``holding`` (whose handler has started, with ``started``); None when none does
+        right now (the fault is tried again later)."""
         live = sorted(self.supervisor.live())
-        held = self._held()
+        held = self._held(started)
         pool = sorted(held) if holding else live
         if not pool:
             return None, {}
@@ -839,12 +844,9 @@ class Injector:
     def _fault_pause_past_lease(self) -> tuple[bool | None, str]:
         # Aim at a worker whose handler has started: a worker paused with only unstarted
         # batch-mates skips them when it wakes (their leases are gone), which refuses nothing.
-        live = self.supervisor.live()
-        rows = self.db.rows("stability_held_tasks", {"task_name": _stability_app.TASK})
-        running = sorted({r["pid"] for r in rows if r["started"] and r["pid"] in live})
-        if not running:
+        pid, _ = self._target(holding=True, started=True)
+        if pid is None:
             return None, ""
-        pid = running[self.rng.randrange(len(running))]
         os.kill(pid, signal.SIGSTOP)
         try:
             time.sleep(0.05)

@@ -147,9 +147,11 @@ def task_claim(
 
 
 def task_complete(conn: Conn, *, task_id: int, token: int, result_json: str) -> bool:
-    """The fenced completion; False when fenced (the caller must roll back)."""
-    row = _one(conn, "task_complete", {"task_id": task_id, "token": token, "result": result_json})
-    return row is not None
+    """The fenced completion of one task; False when fenced (the caller must roll back)."""
+    completed = task_complete_many(
+        conn, task_ids=[task_id], tokens=[token], results_json=[result_json]
+    )
+    return task_id in completed
 
 
 def task_complete_many(

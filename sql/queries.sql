@@ -218,32 +218,11 @@ SELECT c.id, c.task_name, c.queue, c.args, c.idempotency_key, c.attempts, c.max_
   FROM claimed c
  ORDER BY c.priority DESC, c.run_at, c.id;
 
--- name: task_complete
--- The fenced completion, run in the handler's transaction: succeed only where the token is still
--- this claim's and the task still running; record the outcome ON CONFLICT DO NOTHING (the dedupe
--- boundary); finish the attempt. Returns one row when all of it happened, none when fenced.
-WITH done AS (
-    UPDATE pgidem.tasks
-       SET state = 'succeeded', finished_at = now(), lease_owner = NULL,
-           lease_expires_at = NULL, last_error = NULL
-     WHERE id = %(task_id)s AND fencing_token = %(token)s AND state = 'running'
-    RETURNING id
-), outcome AS (
-    INSERT INTO pgidem.outcomes (task_id, fencing_token, state, result)
-    SELECT d.id, %(token)s, 'succeeded', %(result)s::jsonb FROM done d
-    ON CONFLICT DO NOTHING
-    RETURNING task_id
-), attempt AS (
-    UPDATE pgidem.attempts
-       SET status = 'succeeded', finished_at = now()
-     WHERE fencing_token = %(token)s AND task_id IN (SELECT task_id FROM outcome)
-)
-SELECT task_id FROM outcome;
-
 -- name: task_complete_many
--- The fenced completions of the tasks whose handlers never reached the task's connection (no
--- writes of theirs to keep or roll back), one statement for all of them, just before COMMIT.
--- `current` locks each row whose token is still the claim's and which is still running (a lock
+-- The fenced completion, in the handler's transaction (the dedupe boundary), of one task or
+-- several: a task that wrote runs it alone inside its savepoint (rolled back when fenced); the
+-- tasks whose handlers never reached the task's connection (nothing to keep or roll back) go
+-- together in one statement just before COMMIT. `current_claims` locks each row whose token is still the claim's and which is still running (a lock
 -- wait re-checks both on the newest row version); the outcome is inserted ON CONFLICT DO NOTHING
 -- and only the tasks whose outcome went in are marked succeeded, so that the task and its
 -- outcome change together or not at all. Returns the ids completed; a task missing from them was
