@@ -222,23 +222,29 @@ SELECT c.id, c.task_name, c.queue, c.args, c.idempotency_key, c.attempts, c.max_
 -- The fenced completion, in the handler's transaction (the dedupe boundary), of one task or
 -- several: a task that wrote runs it alone inside its savepoint (rolled back when fenced); the
 -- tasks whose handlers never reached the task's connection (nothing to keep or roll back) go
--- together in one statement just before COMMIT. `current_claims` locks each row whose token is still the claim's and which is still running (a lock
--- wait re-checks both on the newest row version); the outcome is inserted ON CONFLICT DO NOTHING
--- and only the tasks whose outcome went in are marked succeeded, so that the task and its
--- outcome change together or not at all. Returns the ids completed; a task missing from them was
--- fenced (or cancelled) and nothing of it is written. `id = ANY(...)` so that the few rows are
--- looked up in the primary key whatever the planner guesses of the arrays.
+-- together in one statement just before COMMIT. `locked` locks the given rows by primary key
+-- (a lock wait returns the newest row version) and `current_claims` keeps those whose token is
+-- still the claim's and which are still running, checked on that locked version. The state test
+-- is kept out of the locking scan on purpose: there it let the planner read every running row
+-- through tasks_lease_expiry and filter them by id. The outcome is inserted ON CONFLICT DO
+-- NOTHING and only the tasks whose outcome went in are marked succeeded, so that the task and
+-- its outcome change together or not at all. Returns the ids completed; a task missing from
+-- them was fenced (or cancelled) and nothing of it is written.
 WITH input AS (
     SELECT i.id, i.token, i.result
       FROM unnest(%(task_ids)s::bigint[], %(tokens)s::bigint[], %(results)s::jsonb[])
            AS i(id, token, result)
-), current_claims AS (
-    SELECT t.id, i.token, i.result
+), locked AS MATERIALIZED (
+    SELECT t.id, t.fencing_token, t.state
       FROM pgidem.tasks t
-      JOIN input i ON i.id = t.id AND i.token = t.fencing_token
-     WHERE t.id = ANY(%(task_ids)s::bigint[]) AND t.state = 'running'
+     WHERE t.id = ANY(%(task_ids)s::bigint[])
      ORDER BY t.id
        FOR UPDATE OF t
+), current_claims AS (
+    SELECT l.id, i.token, i.result
+      FROM locked l
+      JOIN input i ON i.id = l.id AND i.token = l.fencing_token
+     WHERE l.state = 'running'
 ), outcome AS (
     INSERT INTO pgidem.outcomes (task_id, fencing_token, state, result)
     SELECT c.id, c.token, 'succeeded', c.result FROM current_claims c

@@ -381,6 +381,18 @@ def test_tasks_that_never_touch_the_connection_complete_together_and_fenced(
     assert worker.alive()
 
 
+def test_task_connections_run_without_jit(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
+) -> None:
+    """The worker turns JIT off on its connections: with it on, every claim on a deep queue
+    (estimated cost over jit_above_cost) was compiled with LLVM first, several times slower."""
+    assert scalar(dsn, "SELECT current_setting('jit')") == "on"  # the server's default here
+    task_id = app.enqueue("session").id
+    spawn_worker(dsn, "--concurrency", "1")
+    wait_all(dsn, 1, timeout=30)
+    assert task_row(dsn, task_id)["result"] == {"jit": "off"}
+
+
 def test_tasks_without_a_handler_are_not_claimed(
     dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
 ) -> None:

@@ -162,6 +162,13 @@ def poison(ctx: pgidem.Context, how: str = "exit") -> None:
     os._exit(3)
 
 
+@app.task()
+def session(ctx: pgidem.Context) -> dict[str, Any]:
+    """Reports settings of the task's connection (the worker's session settings)."""
+    row = ctx.conn.execute("SELECT current_setting('jit')").fetchone()
+    return {"jit": row[0] if row else None}
+
+
 @app.task(max_attempts=1)
 def long_running(ctx: pgidem.Context, seconds: float) -> dict[str, Any]:
     """Runs for ``seconds``, checking its lease as it goes (the heartbeat must keep it)."""
