@@ -24,9 +24,11 @@ SELECT pgidem.enqueue(%(task_name)s::text, %(args)s::jsonb, %(queue)s::text,
                       %(max_attempts)s::integer) AS id;
 
 -- name: task_enqueue_many
--- Bulk enqueue, one round trip per batch: arrays in, (position, id) out.
+-- Bulk enqueue, one round trip per batch: arrays in, (position, id) out. The args go in binary
+-- format (a text[] of JSON texts, each parsed by the cast): in text format psycopg escapes every
+-- element with a regular expression, which cost more client time than the rest of the call.
 SELECT ord, id
-  FROM pgidem.enqueue_many(%(task_name)s::text, %(args)s::jsonb[], %(queue)s::text,
+  FROM pgidem.enqueue_many(%(task_name)s::text, %(args)b::jsonb[], %(queue)s::text,
                            %(idempotency_keys)s::text[], %(run_at)s::timestamptz,
                            %(priority)s::integer, %(max_attempts)s::integer)
  ORDER BY ord;
