@@ -146,12 +146,24 @@ def task_claim(
     )
 
 
-def task_complete(conn: Conn, *, task_id: int, token: int, result_json: str) -> bool:
-    """The fenced completion of one task; False when fenced (the caller must roll back)."""
-    completed = task_complete_many(
-        conn, task_ids=[task_id], tokens=[token], results_json=[result_json]
+def task_mark_succeeded(conn: Conn, *, task_id: int, token: int) -> bool:
+    """Mark a running task succeeded if ``token`` is still its claim's (its outcome follows
+    with ``task_record_outcomes``); False when fenced (the caller must roll back the task's
+    writes)."""
+    return _one(conn, "task_mark_succeeded", {"task_id": task_id, "token": token}) is not None
+
+
+def task_record_outcomes(
+    conn: Conn, *, task_ids: Sequence[int], tokens: Sequence[int], results_json: Sequence[str]
+) -> set[int]:
+    """Record the outcomes and attempts of tasks ``task_mark_succeeded`` marked in this
+    transaction; return the ids recorded."""
+    rows = _all(
+        conn,
+        "task_record_outcomes",
+        {"task_ids": list(task_ids), "tokens": list(tokens), "results": list(results_json)},
     )
-    return task_id in completed
+    return {int(r["task_id"]) for r in rows}
 
 
 def task_complete_many(

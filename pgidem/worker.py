@@ -80,6 +80,11 @@ _SAVEPOINT = "pgidem_task"
 # task's, if any, is released in the same round trip (COMMIT would release it anyway).
 _SAVEPOINT_OPEN = f"SAVEPOINT {_SAVEPOINT}"
 _SAVEPOINT_RENEW = f"RELEASE SAVEPOINT {_SAVEPOINT}; SAVEPOINT {_SAVEPOINT}"
+#: A transaction that opened this many task savepoints commits before the next task starts.
+#: Each task that writes gets a subtransaction id; past 64 in one transaction every other
+#: backend's snapshot overflows and looks them up in pg_subtrans (PGPROC_MAX_CACHED_SUBXIDS).
+#: A handler's own savepoints count too, hence the margin.
+_MAX_SAVEPOINTS = 32
 
 
 @dataclass
@@ -88,9 +93,18 @@ class _Txn:
 
     #: A savepoint of an earlier task is open (to release when the next one opens).
     savepoint_open: bool = False
-    #: Tasks whose handlers succeeded without reaching the connection: token -> result JSON.
-    #: They wrote nothing, so their fenced completions wait for one statement before COMMIT.
+    #: Tasks whose handlers succeeded, token -> result JSON, whose completion records wait
+    #: for the statements before COMMIT: those that never reached the connection (they wrote
+    #: nothing) and those in ``marked``.
     deferred: dict[int, str] = field(default_factory=dict)
+    #: Tasks that wrote, marked succeeded inside their savepoints when their handlers returned
+    #: (task_mark_succeeded: their fences checked there); their outcomes wait for
+    #: task_record_outcomes.
+    marked: set[int] = field(default_factory=set)
+    #: Savepoints this transaction opened: each task that wrote has a subtransaction id, and
+    #: past 64 of them in one transaction PostgreSQL's snapshots overflow (every backend then
+    #: looks subtransactions up in pg_subtrans).
+    savepoints: int = 0
 
 
 @dataclass
@@ -255,6 +269,10 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._durations: dict[str, float] = {}
         self._signatures: dict[str, inspect.Signature] = {}
+        #: What opens a task transaction: BEGIN, then the settings the worker changed for its
+        #: own statements (_configure_session) set back, for this transaction, to the session's
+        #: own values, so that handlers run with the settings their database and role give.
+        self._begin = "BEGIN"
         self._slot_ids = itertools.count()
         self._signals = 0
         self._first_signal_at = 0.0
@@ -312,7 +330,7 @@ class Worker:
             # pruner's, and one for releases and settling.
             max_size=2 * self.slots + 3,
             kwargs={"autocommit": True, "application_name": self.application_name},
-            configure=_configure_session,
+            configure=self._configure_session,
             open=False,
             name=f"pgidem-worker-{self.worker_id}",
         )
@@ -612,12 +630,13 @@ class Worker:
         committing = False
         opened = time.monotonic()
         txn = _Txn()
-        conn.execute("BEGIN")
+        conn.execute(self._begin)
         try:
             while pending and not self._stopping.is_set():
                 task = pending[0]
                 if done and (
-                    task.timeout is not None
+                    txn.savepoints >= _MAX_SAVEPOINTS
+                    or task.timeout is not None
                     or time.monotonic() - opened >= self.config.commit_interval
                     or self._durations.get(task.task_name, float("inf"))
                     > self.config.commit_interval
@@ -690,15 +709,37 @@ class Worker:
     def _complete_deferred(
         self, conn: psycopg.Connection[Any], done: list[tuple[Claimed, str, float]], txn: _Txn
     ) -> list[Claimed]:
-        """Complete the transaction's deferred tasks in one fenced statement; settle their
-        outcomes in ``done``; return those that were fenced."""
+        """Write the completion records of the transaction's deferred tasks: one fenced
+        statement for those that wrote nothing, one for the outcomes of those marked succeeded;
+        settle their outcomes in ``done``; return those that were fenced."""
         deferred = [(i, t) for i, (t, outcome, _) in enumerate(done) if outcome == "deferred"]
-        completed = _store.task_complete_many(
-            conn,
-            task_ids=[t.task_id for _, t in deferred],
-            tokens=[t.token for _, t in deferred],
-            results_json=[txn.deferred[t.token] for _, t in deferred],
-        )
+        plain = [t for _, t in deferred if t.token not in txn.marked]
+        marked = [t for _, t in deferred if t.token in txn.marked]
+        completed: set[int] = set()
+        if plain:
+            completed |= _store.task_complete_many(
+                conn,
+                task_ids=[t.task_id for t in plain],
+                tokens=[t.token for t in plain],
+                results_json=[txn.deferred[t.token] for t in plain],
+            )
+        if marked:
+            recorded = _store.task_record_outcomes(
+                conn,
+                task_ids=[t.task_id for t in marked],
+                tokens=[t.token for t in marked],
+                results_json=[txn.deferred[t.token] for t in marked],
+            )
+            missing = [t.task_id for t in marked if t.task_id not in recorded]
+            if missing:
+                # An outcome was already there for a task this transaction found running with
+                # its token. Were it to happen, the task must not commit succeeded without this
+                # attempt's outcome: roll everything back (the leases expire; they run again).
+                raise RuntimeError(
+                    f"tasks {missing} already had an outcome when this attempt recorded its "
+                    "own; rolling the transaction back"
+                )
+            completed |= recorded
         fenced = []
         for i, task in deferred:
             if task.task_id in completed:
@@ -724,6 +765,7 @@ class Worker:
             nonlocal savepoint
             conn.execute(_SAVEPOINT_RENEW if txn.savepoint_open else _SAVEPOINT_OPEN)
             txn.savepoint_open = savepoint = True
+            txn.savepoints += 1
 
         task_log = self.log.bind(
             task_id=task.task_id,
@@ -794,11 +836,15 @@ class Worker:
             if not savepoint:
                 txn.deferred[task.token] = result_json
                 return "deferred", duration
-            if _store.task_complete(
-                conn, task_id=task.task_id, token=task.token, result_json=result_json
-            ):
+            # Its fence, checked inside its savepoint: the task becomes succeeded only if the
+            # token is still the claim's. One short statement here; the rest of the completion
+            # record (outcome and attempt) goes with the other tasks' before COMMIT, in the
+            # same transaction as its writes.
+            if _store.task_mark_succeeded(conn, task_id=task.task_id, token=task.token):
                 # Its savepoint is released when the next task opens one, or by COMMIT.
-                return "succeeded", duration
+                txn.deferred[task.token] = result_json
+                txn.marked.add(task.token)
+                return "deferred", duration
             conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
             return ("cancelled" if task.lease.cancelled.is_set() else "fenced"), duration
         if rollback:
@@ -883,6 +929,14 @@ class Worker:
             "the handler committed, rolled back or closed the task's transaction; "
             "pgidem did not record a completion for it"
         )
+        lost = RuntimeError(
+            f"its completion was rolled back when the handler of task {task.task_id} ended "
+            "the transaction they shared"
+        )
+
+        def registered_of(other: Claimed) -> Task:
+            return self.app.tasks[other.task_name]
+
         with self._connection() as fresh:
             outcome = self._fail(fresh, task, self.app.tasks[task.task_name], err, self.log)
             self._finished(task, outcome, duration)
@@ -891,16 +945,37 @@ class Worker:
                 row = _store.task_get(fresh, other.task_id)
                 if row is None or row["fencing_token"] != other.token:
                     self._finished(other, "fenced", other_duration)
+                elif other_outcome == "deferred" and other.token in txn.marked:
+                    # It wrote and was marked succeeded in the transaction; its outcome was to
+                    # follow before COMMIT. Its row says how the handler ended the transaction.
+                    if row["state"] == "succeeded" and row["outcome_state"] is None:
+                        # Committed, its writes with its mark: record the outcome now.
+                        recorded = other.task_id in _store.task_record_outcomes(
+                            fresh,
+                            task_ids=[other.task_id],
+                            tokens=[other.token],
+                            results_json=[txn.deferred[other.token]],
+                        )
+                        verdict = "succeeded" if recorded else "unknown"
+                        self._finished(other, verdict, other_duration)
+                    elif row["state"] == "running":
+                        # Rolled back, its writes with its mark: it runs again by its policy.
+                        retried = self._fail(fresh, other, registered_of(other), lost, self.log)
+                        self._finished(other, retried, other_duration)
+                        if retried == "fenced":
+                            fenced.append(other)
+                    else:
+                        self._finished(other, "unknown", other_duration)
                 elif row["state"] != "running" or other_outcome == "fenced":
                     # The handler's COMMIT committed what this task recorded before it.
                     self._finished(other, other_outcome, other_duration)
                 elif other_outcome == "deferred":
                     # It wrote nothing and its completion had not been sent: send it now.
-                    completed = _store.task_complete(
+                    completed = other.task_id in _store.task_complete_many(
                         fresh,
-                        task_id=other.task_id,
-                        token=other.token,
-                        result_json=txn.deferred[other.token],
+                        task_ids=[other.task_id],
+                        tokens=[other.token],
+                        results_json=[txn.deferred[other.token]],
                     )
                     self._finished(other, "succeeded" if completed else "fenced", other_duration)
                     if not completed:
@@ -908,12 +983,7 @@ class Worker:
                 else:
                     # Its completion was rolled back with the handler's ROLLBACK (or close):
                     # nothing of it stuck, so it runs again by its policy (the claim counted).
-                    lost = RuntimeError(
-                        f"its completion was rolled back when the handler of task "
-                        f"{task.task_id} ended the transaction they shared"
-                    )
-                    registered = self.app.tasks[other.task_name]
-                    retried = self._fail(fresh, other, registered, lost, self.log)
+                    retried = self._fail(fresh, other, registered_of(other), lost, self.log)
                     self._finished(other, retried, other_duration)
                     if retried == "fenced":
                         fenced.append(other)
@@ -1030,7 +1100,7 @@ class Worker:
         with _errors.mapped_errors():
             conn = psycopg.connect(self.app.dsn, **self._dedicated_conn_kwargs())
             try:
-                _configure_session(conn)
+                self._configure_session(conn)
             except BaseException:
                 conn.close()
                 raise
@@ -1051,6 +1121,31 @@ class Worker:
             "keepalives_count": 3,
             "tcp_user_timeout": half * 1000,
         }
+
+    def _configure_session(self, conn: psycopg.Connection[Any]) -> None:
+        """Settings for pgidem's own statements on every connection of the worker (claims,
+        completions, heartbeats); ``self._begin`` sets them back in each task transaction.
+
+        - ``jit = off``: PostgreSQL compiles a statement with LLVM when its estimated cost
+          passes ``jit_above_cost``, and the claim's estimate grows with the queue's depth
+          (about 130,000 at 200,000 queued tasks). Compiling took milliseconds, every claim, in
+          every backend: a drain of 60,000 no-op tasks went from 12,127 to 3,848 tasks/s.
+        - ``plan_cache_mode = force_generic_plan``: psycopg prepares a statement run often, but
+          PostgreSQL kept planning the claim afresh for each call's parameters (about 1 ms a
+          claim); its generic plan is the same (each queue read in index order).
+        """
+        if self._begin == "BEGIN":
+            row = conn.execute(
+                "SELECT current_setting('jit'), current_setting('plan_cache_mode')"
+            ).fetchone()
+            jit, plan_cache_mode = row if row else (None, None)
+            restore = ["BEGIN"]
+            if jit in ("on", "off"):
+                restore.append(f"SET LOCAL jit = {jit}")
+            if plan_cache_mode in ("auto", "force_generic_plan", "force_custom_plan"):
+                restore.append(f"SET LOCAL plan_cache_mode = {plan_cache_mode}")
+            self._begin = "; ".join(restore)
+        conn.execute("SET jit = off; SET plan_cache_mode = force_generic_plan")
 
     def _held_now(self, task: Claimed) -> bool:
         with self._held_lock:
@@ -1272,18 +1367,6 @@ class Worker:
                     "listener_reconnecting", error=f"{type(exc).__name__}: {exc}", retry_in_s=delay
                 )
                 self._stopping.wait(delay)
-
-
-def _configure_session(conn: psycopg.Connection[Any]) -> None:
-    """Settings for every connection the worker claims, runs tasks and heartbeats on.
-
-    JIT off: PostgreSQL compiles a statement with LLVM when its estimated cost passes
-    ``jit_above_cost``, and the claim's estimate grows with the queue's depth (about 130,000
-    at 200,000 queued tasks). Compiling takes milliseconds, every claim, in every backend: a
-    drain of 60,000 no-op tasks went from 12,127 to 3,848 tasks/s with it on. A task handler's
-    own statements run without JIT too (docs/handlers.md); one that wants it can ``SET LOCAL
-    jit = on`` for its work."""
-    conn.execute("SET jit = off")
 
 
 def run_worker(app: App, **settings: Any) -> int:

@@ -220,11 +220,46 @@ SELECT c.id, c.task_name, c.queue, c.args, c.idempotency_key, c.attempts, c.max_
   FROM claimed c
  ORDER BY c.priority DESC, c.run_at, c.id;
 
+-- name: task_mark_succeeded
+-- The fence of a task whose handler wrote, checked when it returns, inside its savepoint: the
+-- task becomes succeeded if its token is still the claim's and it is still running. Nothing
+-- can change the row after this until the transaction ends (a rescue skips locked rows, a
+-- cancel waits), so its outcome and attempt are written with the other tasks' by
+-- task_record_outcomes just before COMMIT, in the same transaction as its writes. No row:
+-- fenced (or cancelled); the caller rolls back to the savepoint. An UPDATE and not a bare
+-- FOR UPDATE lock: a row locked inside a savepoint and updated after it by the transaction
+-- becomes a MultiXact, which every later reader of the row must look up (GetMultiXactIdMembers
+-- took a quarter of the server's time in a drain of writing tasks).
+UPDATE pgidem.tasks
+   SET state = 'succeeded', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,
+       last_error = NULL
+ WHERE id = %(task_id)s AND fencing_token = %(token)s AND state = 'running'
+RETURNING id;
+
+-- name: task_record_outcomes
+-- The outcomes and finished attempts of the tasks task_mark_succeeded marked in this
+-- transaction (their fences were checked there), in one statement just before COMMIT. Returns
+-- the ids recorded; the caller rolls the transaction back if one is missing (an outcome already
+-- there), so that no task is left succeeded without its outcome.
+WITH outcome AS (
+    INSERT INTO pgidem.outcomes (task_id, fencing_token, state, result)
+    SELECT i.id, i.token, 'succeeded', i.result
+      FROM unnest(%(task_ids)s::bigint[], %(tokens)s::bigint[], %(results)s::jsonb[])
+           AS i(id, token, result)
+    ON CONFLICT DO NOTHING
+    RETURNING task_id, fencing_token
+), attempt AS (
+    UPDATE pgidem.attempts a
+       SET status = 'succeeded', finished_at = now()
+     WHERE a.fencing_token = ANY(ARRAY(SELECT fencing_token FROM outcome))
+)
+SELECT task_id FROM outcome;
+
 -- name: task_complete_many
--- The fenced completion, in the handler's transaction (the dedupe boundary), of one task or
--- several: a task that wrote runs it alone inside its savepoint (rolled back when fenced); the
--- tasks whose handlers never reached the task's connection (nothing to keep or roll back) go
--- together in one statement just before COMMIT. `locked` locks the given rows by primary key
+-- The fenced completions, in the handlers' transaction (the dedupe boundary), of the tasks of
+-- one transaction whose handlers never reached the task's connection (nothing to keep or roll
+-- back), in one statement just before COMMIT (tasks that wrote go through task_mark_succeeded
+-- and task_record_outcomes instead). `locked` locks the given rows by primary key
 -- (a lock wait returns the newest row version) and `current_claims` keeps those whose token is
 -- still the claim's and which are still running, checked on that locked version. The state test
 -- is kept out of the locking scan on purpose: there it let the planner read every running row

@@ -11,11 +11,14 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 import pgidem
 from pgidem.errors import MAX_ERROR_MESSAGE, MAX_TRACEBACK
+from pgidem.worker import Worker
 from tests.apps import LONG_MESSAGE
 from tests.apps.worker_app import LEDGER_DDL
+from tests.apps.worker_app import app as worker_app
 from tests.helpers import rows, scalar, wait_until
 
 ATTEMPT_LOG_KEYS = {
@@ -283,6 +286,47 @@ def test_handler_ending_its_transaction_never_succeeds(
     assert scalar(dsn, "SELECT count(*) FROM pgidem.attempts WHERE status = 'running'") == 0
 
 
+def test_writes_awaiting_the_batch_completion_follow_a_handler_that_ends_the_transaction(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
+) -> None:
+    """A task that wrote, whose row is held and whose completion waits for the statement
+    before COMMIT, shares its transaction with a handler that ends it through ctx.conn.raw.
+    After that handler's ROLLBACK the write is gone and the task runs again (one ledger row,
+    from its second attempt); after a COMMIT its write stayed and it is completed, not run
+    again (one ledger row, one attempt). The worker asks PostgreSQL which of the two it was."""
+    # Both handlers known to be quick, so that the next ones share a transaction.
+    app.enqueue("write", {"n": -1})
+    app.enqueue("ends_transaction", {"how": "raw_rollback"})
+    worker = spawn_worker(
+        dsn, "--concurrency", "1", "--poll-interval", "0.1", "--commit-interval", "5"
+    )
+    wait_all(dsn, 2, timeout=30)
+
+    at = datetime.now(UTC) + timedelta(seconds=1.5)
+    rolled_back = app.enqueue("write", {"n": 1}, run_at=at).id
+    app.enqueue("ends_transaction", {"how": "raw_rollback"}, run_at=at)
+    committed = app.enqueue("write", {"n": 2}, run_at=at).id
+    app.enqueue("ends_transaction", {"how": "raw_commit"}, run_at=at)
+    wait_all(dsn, 6, timeout=30)
+
+    first, second = attempts(dsn, rolled_back)
+    assert first["status"] == "failed"
+    assert "rolled back" in first["error_message"]
+    assert second["status"] == "succeeded"
+    row = task_row(dsn, rolled_back)
+    assert row["state"] == "succeeded"
+    assert rows(dsn, "SELECT token FROM ledger WHERE task_id = %s", (rolled_back,)) == [
+        (second["fencing_token"],)
+    ]
+    (only,) = attempts(dsn, committed)
+    assert only["status"] == "succeeded"
+    assert task_row(dsn, committed)["state"] == "succeeded"
+    assert rows(dsn, "SELECT token FROM ledger WHERE task_id = %s", (committed,)) == [
+        (only["fencing_token"],)
+    ]
+    assert worker.alive()
+
+
 def test_one_bad_task_in_a_batch_does_not_affect_the_others(
     dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
 ) -> None:
@@ -381,16 +425,30 @@ def test_tasks_that_never_touch_the_connection_complete_together_and_fenced(
     assert worker.alive()
 
 
-def test_task_connections_run_without_jit(
+def test_pgidem_statements_run_without_jit_and_handlers_with_their_own_settings(
     dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
 ) -> None:
-    """The worker turns JIT off on its connections: with it on, every claim on a deep queue
-    (estimated cost over jit_above_cost) was compiled with LLVM first, several times slower."""
-    assert scalar(dsn, "SELECT current_setting('jit')") == "on"  # the server's default here
+    """The worker's connections run pgidem's statements with JIT off and generic plans (with
+    JIT, every claim on a deep queue was compiled with LLVM first, several times slower); each
+    task transaction sets back the session's own values for the handlers, here a DSN's
+    ``options``."""
+    worker = Worker(worker_app)
+    with psycopg.connect(dsn, autocommit=True, options="-c jit=on") as conn:
+        worker._configure_session(conn)
+        assert conn.execute("SHOW jit").fetchone() == ("off",)
+        assert conn.execute("SHOW plan_cache_mode").fetchone() == ("force_generic_plan",)
+        conn.execute(worker._begin)
+        assert conn.execute("SHOW jit").fetchone() == ("on",)
+        assert conn.execute("SHOW plan_cache_mode").fetchone() == ("auto",)
+        conn.execute("COMMIT")
+        assert conn.execute("SHOW jit").fetchone() == ("off",)
+        assert conn.execute("SHOW plan_cache_mode").fetchone() == ("force_generic_plan",)
+
     task_id = app.enqueue("session").id
-    spawn_worker(dsn, "--concurrency", "1")
+    own = make_conninfo(dsn, options="-c plan_cache_mode=force_custom_plan -c jit=on")
+    spawn_worker(own, "--concurrency", "1")
     wait_all(dsn, 1, timeout=30)
-    assert task_row(dsn, task_id)["result"] == {"jit": "off"}
+    assert task_row(dsn, task_id)["result"] == {"jit": "on", "plan_cache_mode": "force_custom_plan"}
 
 
 def test_tasks_without_a_handler_are_not_claimed(

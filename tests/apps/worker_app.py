@@ -165,8 +165,11 @@ def poison(ctx: pgidem.Context, how: str = "exit") -> None:
 @app.task()
 def session(ctx: pgidem.Context) -> dict[str, Any]:
     """Reports settings of the task's connection (the worker's session settings)."""
-    row = ctx.conn.execute("SELECT current_setting('jit')").fetchone()
-    return {"jit": row[0] if row else None}
+    row = ctx.conn.execute(
+        "SELECT current_setting('jit'), current_setting('plan_cache_mode')"
+    ).fetchone()
+    assert row is not None
+    return {"jit": row[0], "plan_cache_mode": row[1]}
 
 
 @app.task(max_attempts=1)
