@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -218,13 +217,30 @@ class TaskCursor:
         return f"<TaskCursor {self._cur!r}>"
 
 
+class Flag:
+    """A flag that one thread sets and others read (``set``/``is_set``, as threading.Event).
+    Nothing waits on a lease's flags, so no lock and condition: three Events cost about as much
+    as the rest of a no-op task's bookkeeping. Storing a bool attribute is atomic."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 @dataclass
 class LeaseState:
     """Shared between the worker's heartbeat and a running handler."""
 
-    lost: threading.Event = field(default_factory=threading.Event)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    abandoned: threading.Event = field(default_factory=threading.Event)
+    lost: Flag = field(default_factory=Flag)
+    cancelled: Flag = field(default_factory=Flag)
+    abandoned: Flag = field(default_factory=Flag)
 
 
 class Context:
