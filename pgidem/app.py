@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 #: The longest delay (or the latest run_at from now) accepted at enqueue, in seconds.
 MAX_DELAY_S = 366 * 24 * 3600
-#: Rows per round trip in ``enqueue_many``.
+#: Rows per round trip in ``enqueue_many`` with idempotency keys.
 DEFAULT_BATCH_SIZE = 5000
 
 Handler = Callable[..., Any]
@@ -629,9 +629,15 @@ class App:
         conn: psycopg.Connection[Any] | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> list[int]:
-        """Enqueue many tasks of one name: one round trip per ``batch_size`` tasks.
+        """Enqueue many tasks of one name, in a few round trips.
 
-        The rules of ``enqueue`` hold per row. Without ``conn``, all batches run in one
+        With ``idempotency_keys``, one call of ``pgidem.enqueue_many`` (one round trip) per
+        ``batch_size`` tasks. Without them, the rows go in one binary COPY, in three round trips
+        whatever their number (plus BEGIN and COMMIT when the call has a transaction of its
+        own; ``batch_size`` is then unused); the tasks, checks, errors and NOTIFY are those of
+        ``pgidem.enqueue_many`` without keys.
+
+        The rules of ``enqueue`` hold per row. Without ``conn``, the whole call runs in one
         transaction on a pooled connection, so a bad row enqueues nothing; with ``conn``, in the
         caller's transaction (or, on an autocommit connection, in one transaction of its own).
 
@@ -675,18 +681,17 @@ class App:
         }
 
         def run(c: psycopg.Connection[Any]) -> list[int]:
+            if idempotency_keys is None:
+                # No key to resolve, so nothing the function does that COPY cannot: COPY takes
+                # about 1.6 times the rows a second, for less server CPU.
+                return _store.task_enqueue_copy(c, args_json=payloads, **common)
             ids: list[int] = []
             for start in range(0, len(payloads), batch_size):
-                keys = (
-                    None
-                    if idempotency_keys is None
-                    else idempotency_keys[start : start + batch_size]
-                )
                 try:
                     ids += _store.task_enqueue_many(
                         c,
                         args_json=payloads[start : start + batch_size],
-                        idempotency_keys=keys,
+                        idempotency_keys=idempotency_keys[start : start + batch_size],
                         **common,
                     )
                 except InvalidInput as exc:
@@ -699,8 +704,9 @@ class App:
             self._check_caller_conn(conn)
             if not conn.autocommit:
                 return run(conn)  # the caller's transaction: a bad row aborts it
-            # An autocommit connection would commit batch by batch: make the call one
-            # transaction, so that a bad row in a later batch leaves nothing behind.
+            # An autocommit connection would commit statement by statement: make the call one
+            # transaction, so that a bad row (in a later batch, or found after the COPY) leaves
+            # nothing behind.
             with mapped_errors(), conn.transaction():
                 return run(conn)
         with self.pool.connection() as pooled, mapped_errors(), pooled.transaction():

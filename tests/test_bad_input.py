@@ -176,6 +176,33 @@ def test_python_enqueue_many_rejects_a_bad_batch_whole(
     assert count_tasks(empty_conn) == 0
 
 
+@pytest.mark.parametrize(
+    "case",
+    [c for _, c, _ in PYTHON_CASES if "idempotency_key" not in c],
+    ids=[i for i, c, _ in PYTHON_CASES if "idempotency_key" not in c],
+)
+def test_enqueue_many_without_keys_raises_what_the_function_path_raises(
+    shared_app: pgidem.App, empty_conn: psycopg.Connection[Any], case: dict[str, Any]
+) -> None:
+    """Without keys, enqueue_many takes the COPY path; with keys (all None here) the SQL
+    function's. The same bad input gives the same error from both: class, message (with its
+    row number) and field; and neither writes anything."""
+    task, args, options = _enqueue_kwargs(case)
+    rows = [{"n": 1}, {"n": 2}, args]
+    errors = []
+    for keys in (None, [None, None, None]):
+        with pytest.raises(pgidem.InvalidInput) as exc:
+            shared_app.enqueue_many(task, rows, idempotency_keys=keys, **options)
+        errors.append(exc.value)
+    copied, by_function = errors
+    assert (type(copied), str(copied), copied.field) == (
+        type(by_function),
+        str(by_function),
+        by_function.field,
+    )
+    assert count_tasks(empty_conn) == 0
+
+
 def test_unusual_but_valid_args_are_stored(app: pgidem.App, conn: psycopg.Connection[Any]) -> None:
     """Non-ASCII text, a literal backslash-u0000 (not a NUL) and a Mapping that is not a dict
     are fine."""
@@ -480,3 +507,59 @@ def test_enqueue_many_on_an_autocommit_conn_is_one_transaction(
             "charge", rows, idempotency_keys=keys, batch_size=10, conn=empty_conn
         )
     assert count_tasks(empty_conn) == 0
+
+
+def test_enqueue_many_without_keys_names_row_7001_of_8000_as_the_function_does(
+    shared_app: pgidem.App, shared_dsn: str, empty_conn: psycopg.Connection[Any]
+) -> None:
+    """Row 7,001 of 8,000 holds args of 12 bytes of compact JSON but 308 as jsonb text (1e300
+    printed in full), over a limit of 100 set in the caller's session. The COPY path (no keys)
+    checks the rule of the SQL function on the stored args: the same error as the function
+    path (keys, batches of 5,000), naming the row in the whole call; the caller's transaction
+    is aborted and nothing is written."""
+    rows: list[dict[str, Any]] = [{"n": i} for i in range(8000)]
+    rows[7000] = {"x": 1e300}
+    errors = []
+    for keys in (None, [None] * 8000):
+        with psycopg.connect(shared_dsn) as mine:
+            mine.execute("SET pgidem.max_args_bytes = 100")
+            with pytest.raises(pgidem.InvalidInput) as exc:
+                shared_app.enqueue_many("charge", rows, idempotency_keys=keys, conn=mine)
+            assert mine.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+            mine.commit()  # an aborted transaction: PostgreSQL rolls it back
+        errors.append(exc.value)
+    copied, by_function = errors
+    message = (
+        "row 7001: invalid args: 308 bytes of JSON, over the limit of 100 bytes "
+        "(setting pgidem.max_args_bytes)"
+    )
+    assert str(copied) == str(by_function) == message
+    assert type(copied) is type(by_function) is pgidem.InvalidInput
+    assert copied.field == by_function.field == "args"
+    assert copied.__cause__ is not None
+    assert copied.__cause__.sqlstate == "PI002"  # type: ignore[attr-defined]
+    assert count_tasks(empty_conn) == 0
+
+
+def test_enqueue_many_without_keys_bad_row_after_the_copy_leaves_nothing(
+    app: pgidem.App, conn: psycopg.Connection[Any], dsn: str
+) -> None:
+    """The COPY path finds a bad row once the rows are written; under each transaction rule
+    the call still leaves nothing: the pool (one transaction), an autocommit connection (one
+    transaction of its own), the caller's transaction (aborted: its COMMIT commits nothing)."""
+    rows: list[dict[str, Any]] = [{"n": i} for i in range(30)]
+    rows[22] = {"blob": "x" * 40}  # 52 bytes as jsonb text
+    bad = r"^row 23: invalid args: 52 bytes of JSON, over the limit of 30 bytes"
+    conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET pgidem.max_args_bytes = 30')
+    with pgidem.App(dsn) as fresh, pytest.raises(pgidem.InvalidInput, match=bad):
+        fresh.enqueue_many("charge", rows)
+    with psycopg.connect(dsn, autocommit=True) as auto:
+        with pytest.raises(pgidem.InvalidInput, match=bad):
+            app.enqueue_many("charge", rows, conn=auto)
+        assert auto.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    with psycopg.connect(dsn) as mine:
+        app.enqueue("charge", {"n": -1}, conn=mine)
+        with pytest.raises(pgidem.InvalidInput, match=bad):
+            app.enqueue_many("charge", rows, conn=mine)
+        mine.commit()
+    assert count_tasks(conn) == 0

@@ -219,18 +219,160 @@ def test_enqueue_many_20000_one_round_trip_per_batch(
 def test_enqueue_many_with_conn_is_one_round_trip_per_batch(
     app: pgidem.App, dsn: str, conn: psycopg.Connection[Any]
 ) -> None:
-    """With conn=, each batch is one round trip in the caller's open transaction."""
+    """With conn= and keys, each batch is one round trip in the caller's open transaction."""
     app.enqueue("warm_up", {})
     with psycopg.connect(dsn) as mine:
         mine.execute("SELECT 1")  # the caller's transaction is open
         with traced(mine) as seen:
             ids = app.enqueue_many(
-                "charge", [{"n": i} for i in range(2500)], batch_size=1000, conn=mine
+                "charge",
+                [{"n": i} for i in range(2500)],
+                idempotency_keys=[f"k{i}" for i in range(2500)],
+                batch_size=1000,
+                conn=mine,
             )
         mine.commit()
     assert seen.round_trips == 3, seen.statements
+    assert seen.raw.count("FROM pgidem.enqueue_many(") == 3
     assert ids == sorted(ids) and len(ids) == 2500
     assert count_tasks(conn) == 1 + 2500
+
+
+def test_enqueue_many_without_keys_is_one_copy_in_a_constant_number_of_round_trips(
+    dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    """Without keys, 20,000 tasks go in one binary COPY, whatever batch_size says: BEGIN, the
+    checks and ids, the COPY, the args check, COMMIT. The ids come back in the order of the
+    args, each on the row of its args."""
+    app = pgidem.App(dsn, pool_size=1)
+    try:
+        app.enqueue("warm_up", {})  # opens the pool and checks the schema
+        n = 20_000
+        pooled = app.pool.getconn()
+        app.pool.putconn(pooled)
+        with traced(pooled) as seen:
+            ids = app.enqueue_many("charge", [{"n": i} for i in range(n)], batch_size=1000)
+        assert seen.round_trips == 5, seen.statements
+        assert seen.statements[0] == "BEGIN" and seen.statements[-1] == "COMMIT"
+        assert seen.raw.count("COPY pgidem.tasks") == 1
+        assert "pgidem.enqueue_many(" not in seen.raw
+        assert len(ids) == n and ids == sorted(ids) and len(set(ids)) == n
+        stored = conn.execute(
+            "SELECT id, (args->>'n')::int FROM pgidem.tasks WHERE task_name = 'charge' ORDER BY id"
+        ).fetchall()
+        assert stored == list(zip(ids, range(n), strict=True))
+    finally:
+        app.close()
+
+
+#: Args whose jsonb differs from their compact JSON text (numbers printed in full, spaces
+#: after ':' and ','), with text that is not ASCII and a literal backslash-u0000.
+PARITY_ARGS: list[dict[str, Any]] = [
+    {"n": 1},
+    {},
+    {"big": 1e300, "small": 1e-7, "text": "Zoë 東京 🚀 \\u0000", "nested": [1, {"a": None}]},
+]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {
+            "queue": "bulk",
+            "priority": -7,
+            "max_attempts": 9,
+            "run_at": datetime.now(UTC) + timedelta(hours=2),
+        },
+    ],
+    ids=["defaults", "options"],
+)
+def test_enqueue_many_without_keys_writes_the_rows_of_the_sql_function(
+    app: pgidem.App, dsn: str, options: dict[str, Any]
+) -> None:
+    """Column for column, the tasks App.enqueue_many writes by COPY (no keys) equal those that
+    pgidem.enqueue_many writes in SQL from the same inputs, in the same transaction (so that
+    now() is the same): args, defaults (run_at, max_attempts, state, created_at...) and the
+    concurrency key that the setting pgidem._concurrency_key gives an INSERT."""
+    with psycopg.connect(dsn) as mine:
+        mine.execute("SET LOCAL pgidem._concurrency_key = 'tenant-1'")
+        copied = app.enqueue_many("charge", PARITY_ARGS, conn=mine, **options)
+        by_sql = [
+            row[0]
+            for row in mine.execute(
+                "SELECT id FROM pgidem.enqueue_many('charge', %s::text[]::jsonb[], %s, NULL, "
+                "%s, %s, %s) ORDER BY ord",
+                (
+                    [app_module.dump_args(a) for a in PARITY_ARGS],
+                    options.get("queue", "default"),
+                    options.get("run_at"),
+                    options.get("priority", 0),
+                    options.get("max_attempts"),
+                ),
+            )
+        ]
+        written = dict(mine.execute("SELECT id, to_jsonb(t) - 'id' FROM pgidem.tasks t"))
+        mine.commit()
+    assert len(copied) == 3 and copied == sorted(copied) and max(copied) < min(by_sql)
+    assert [written[i] for i in copied] == [written[i] for i in by_sql]
+    assert [written[i]["args"] for i in copied[:2]] == PARITY_ARGS[:2]
+    assert written[copied[2]]["args"]["big"] == 10**300  # jsonb's number, printed in full
+    assert {written[i]["concurrency_key"] for i in copied} == {"tenant-1"}
+    assert {(written[i]["queue"], written[i]["max_attempts"]) for i in copied} == {
+        (options.get("queue", "default"), options.get("max_attempts", 5))
+    }
+    if not options:
+        assert {written[i]["run_at"] for i in copied} == {written[copied[0]]["created_at"]}
+
+
+def test_enqueue_many_without_keys_notifies_the_queue_at_commit(
+    app: pgidem.App, dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    """The COPY path sends NOTIFY pgidem with the queue, as pgidem.enqueue_many does: once, at
+    the caller's commit; a call that failed on a bad row (after its COPY) sends nothing."""
+    conn.execute("LISTEN pgidem")
+    with psycopg.connect(dsn) as mine:
+        app.enqueue_many("charge", [{"n": 1}, {"n": 2}], queue="bulk", conn=mine)
+        assert list(conn.notifies(timeout=0.3)) == []  # not before the commit
+        mine.commit()
+        mine.execute("SET pgidem.max_args_bytes = 20")
+        with pytest.raises(pgidem.InvalidInput, match="row 2: invalid args"):
+            app.enqueue_many("charge", [{"n": 1}, {"blob": "x" * 30}], queue="failed", conn=mine)
+        mine.rollback()
+    app.enqueue_many("charge", [{"n": 3}], queue="later")
+    payloads = [(n.channel, n.payload) for n in conn.notifies(timeout=10, stop_after=2)]
+    assert payloads == [("pgidem", "bulk"), ("pgidem", "later")]
+    assert list(conn.notifies(timeout=0.3)) == []
+
+
+def test_enqueue_many_without_keys_judges_only_its_own_rows(
+    app: pgidem.App, dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    """After its COPY, the call checks args over its range of ids, where a concurrent enqueue
+    may have committed tasks too (their ids drawn in between): those are not the call's to
+    refuse, and the row it names is its own. Made here with a sequence stepping by 2 and tasks
+    committed beforehand between the call's ids, with args over the limit the call runs under
+    (its session's pgidem.max_args_bytes)."""
+    conn.execute("ALTER TABLE pgidem.tasks ALTER COLUMN id SET INCREMENT BY 2")
+    (last,) = conn.execute(
+        "SELECT nextval(pg_get_serial_sequence('pgidem.tasks', 'id'))"
+    ).fetchone() or (0,)
+    # The first call will draw last+2, last+4, last+6; the second last+8, last+10.
+    for other in (last + 3, last + 9):
+        conn.execute(
+            "INSERT INTO pgidem.tasks (id, task_name, args) VALUES (%s, 'other', %s)",
+            (other, app_module.dump_args({"blob": "x" * 100})),
+        )
+    with psycopg.connect(dsn) as mine:
+        mine.execute("SET pgidem.max_args_bytes = 50")
+        ids = app.enqueue_many("charge", [{"n": 1}, {"n": 2}, {"n": 3}], conn=mine)
+        assert ids == [last + 2, last + 4, last + 6]
+        mine.commit()
+        with pytest.raises(pgidem.InvalidInput, match=r"^row 2: invalid args: 112 bytes") as exc:
+            app.enqueue_many("charge", [{"n": 4}, {"blob": "x" * 100}], conn=mine)
+        assert exc.value.field == "args"
+        mine.rollback()
+    assert count_tasks(conn) == 2 + 3
 
 
 def test_python_and_sql_give_the_same_mismatch_error(
