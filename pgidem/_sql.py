@@ -35,16 +35,28 @@ def _sql_dir() -> Traversable:
     return Path(__file__).resolve().parent.parent / "sql"
 
 
+#: Lines of a query between ``-- <<tag`` and ``-- tag>>`` (each marker on a line of its own):
+#: the query is also given without them, as ``<name>_without_<tag>``.
+_SECTION_TAG = re.compile(r"^-- <<(\w+)$", re.MULTILINE)
+_MARKER = re.compile(r"^-- (?:<<\w+|\w+>>)\n", re.MULTILINE)
+
+
 @functools.cache
 def queries() -> dict[str, str]:
-    """Return every named query in ``queries.sql``, by name."""
+    """Return every named query in ``queries.sql``, by name, plus the variants of those with
+    optional sections (``<name>_without_<tag>``)."""
     text = _sql_dir().joinpath("queries.sql").read_text(encoding="utf-8")
     parts = _NAME.split(text)
     found: dict[str, str] = {}
     for name, body in zip(parts[1::2], parts[2::2], strict=True):
-        if name in found:
-            raise RuntimeError(f"query {name!r} is defined twice in queries.sql")
-        found[name] = body.strip().rstrip(";")
+        variants = {name: _MARKER.sub("", body)}
+        for tag in sorted(set(_SECTION_TAG.findall(body))):
+            only = re.compile(rf"^-- <<{tag}\n.*?^-- {tag}>>\n", re.MULTILINE | re.DOTALL)
+            variants[f"{name}_without_{tag}"] = _MARKER.sub("", only.sub("", body))
+        for key, sql in variants.items():
+            if key in found:
+                raise RuntimeError(f"query {key!r} is defined twice in queries.sql")
+            found[key] = sql.strip().rstrip(";")
     return found
 
 

@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,23 @@ class Faults:
             pid = worker_pid(headers)
             self.hit.append(pid)
             os.kill(pid, self.sig)
+            if self.sig == signal.SIGSTOP:
+                _wait_stopped(pid)
             if len(self.hit) >= self.times:
                 self.done.set()
+
+
+def _wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    """Wait until the kernel reports ``pid`` stopped (state T), so that the answer this hook
+    precedes cannot reach a worker that is still running: under a full test run the stop was
+    once seen to land only after the worker had read the answer and recorded it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                return
+        time.sleep(0.001)
+    raise AssertionError(f"worker {pid} did not stop within {timeout} s of SIGSTOP")
 
 
 @contextlib.contextmanager

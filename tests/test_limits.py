@@ -5,6 +5,7 @@ refuse."""
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -391,3 +392,53 @@ def test_a_claim_waits_for_the_claim_holding_the_queue_lock(dsn: str, conn: Any)
     assert conn.execute("SELECT count(*) FROM pgidem.tasks WHERE state = 'running'").fetchone() == (
         3,
     )
+
+
+def test_claim_without_limits_claims_what_the_whole_statement_claims(
+    conn: psycopg.Connection[Any], app: pgidem.App
+) -> None:
+    """A worker that locked no limited queue runs task_claim_without_limits (the claim without
+    its limits' half, which plans in a third of the time). On the same rows it claims what the
+    whole statement claims with nothing locked: by priority, then run_at, queues mixed, an
+    expired lease rescued, and a queue with limits (unlocked here) left alone."""
+    from pgidem import _sql, _store
+
+    assert "limited AS (" not in _sql.query("task_claim_without_limits")
+    assert "limited AS (" in _sql.query("task_claim")
+    markers = re.compile(r"^-- (<<limits|limits>>)$", re.MULTILINE)
+    assert not markers.search(_sql.query("task_claim"))
+    app.enqueue_many("noop", [{"n": i} for i in range(5)], queue="a")
+    app.enqueue_many("noop", [{"n": i} for i in range(5)], queue="b", priority=3)
+    app.enqueue_many("noop", [{"n": i} for i in range(3)], queue="capped")
+    app.set_queue_limit("capped", max_running=10)
+    conn.execute(
+        "INSERT INTO pgidem.workers (id, hostname, pid, queues, concurrency)"
+        " VALUES ('w', 'h', 1, '{a,b,capped}', 1)"
+    )
+    rescued = _store.task_claim(
+        conn, worker_id="w", queues=["a"], task_names=["noop"], limit=1, lease_s=0.01
+    )
+    conn.execute("SELECT pg_sleep(0.05)")
+
+    claims = {}
+    for name in ("task_claim", "task_claim_without_limits"):
+        with conn.transaction(force_rollback=True):
+            got = _store._all(
+                conn,
+                name,
+                {
+                    "worker_id": "w",
+                    "queues": ["a", "b", "capped"],
+                    "task_names": ["noop"],
+                    "limit": 8,
+                    "lease_s": 60,
+                    "locked": [],
+                },
+            )
+            claims[name] = [(r["id"], r["queue"], r["attempts"]) for r in got]
+    assert claims["task_claim"] == claims["task_claim_without_limits"]
+    got = claims["task_claim"]
+    assert len(got) == 8
+    assert (rescued[0]["id"], "a", 2) in got
+    assert [q for _, q, _ in got].count("b") == 5
+    assert "capped" not in {q for _, q, _ in got}
