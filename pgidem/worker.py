@@ -105,6 +105,10 @@ class _Txn:
     #: past 64 of them in one transaction PostgreSQL's snapshots overflow (every backend then
     #: looks subtransactions up in pg_subtrans).
     savepoints: int = 0
+    #: BEGIN has been sent. It goes with the transaction's first statement (a task's first use
+    #: of the connection, or a failure's record): tasks that never reach the connection need
+    #: no transaction block, their one completion statement being a transaction of its own.
+    begun: bool = False
 
 
 @dataclass
@@ -631,7 +635,6 @@ class Worker:
         committing = False
         opened = time.monotonic()
         txn = _Txn()
-        conn.execute(self._begin)
         try:
             while pending and not self._stopping.is_set():
                 task = pending[0]
@@ -678,13 +681,18 @@ class Worker:
                     fenced.append(done[-1][0])
                 if outcome == "abandoned":
                     break
+            # Not begun: only tasks that wrote nothing, and their completion statement commits
+            # by itself (from here on, a failure leaves the outcome unknown).
+            committing = not txn.begun
             if txn.deferred:
                 fenced += self._complete_deferred(conn, done, txn)
             committing = True
-            conn.execute("COMMIT")
+            if txn.begun:
+                conn.execute("COMMIT")
         except BaseException as exc:
             with contextlib.suppress(Exception):
-                conn.execute("ROLLBACK")
+                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    conn.execute("ROLLBACK")
             # Nothing of this transaction is known to have committed: stop heartbeating these
             # tasks so their leases expire and the claim path rescues them with new tokens. If
             # COMMIT itself failed (the connection dropped), it may have committed or not: the
@@ -764,7 +772,12 @@ class Worker:
 
         def open_savepoint() -> None:
             nonlocal savepoint
-            conn.execute(_SAVEPOINT_RENEW if txn.savepoint_open else _SAVEPOINT_OPEN)
+            if not txn.begun:
+                # One round trip: the transaction and the task's savepoint.
+                conn.execute(f"{self._begin}; {_SAVEPOINT_OPEN}")
+                txn.begun = True
+            else:
+                conn.execute(_SAVEPOINT_RENEW if txn.savepoint_open else _SAVEPOINT_OPEN)
             txn.savepoint_open = savepoint = True
             txn.savepoints += 1
 
@@ -810,7 +823,7 @@ class Worker:
         if conn.broken:
             raise psycopg.OperationalError("the connection broke while the handler ran")
         status = conn.info.transaction_status
-        if conn.closed or status == psycopg.pq.TransactionStatus.IDLE:
+        if conn.closed or (txn.begun and status == psycopg.pq.TransactionStatus.IDLE):
             return "ended_transaction", duration
         # The task's writes, if it made any, go back to its savepoint. (Without a savepoint the
         # transaction cannot be in error through this task; if it is anyway, the statement
@@ -850,6 +863,9 @@ class Worker:
             return ("cancelled" if task.lease.cancelled.is_set() else "fenced"), duration
         if rollback:
             conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+        if not txn.begun:
+            conn.execute(self._begin)
+            txn.begun = True
         return self._fail(conn, task, registered, error, task_log), duration
 
     def _check_args_fit(self, registered: Task, ctx: Context, args: dict[str, Any]) -> None:
