@@ -233,12 +233,7 @@ def task_record_outcomes(
 ) -> set[int]:
     """Record the outcomes and attempts of tasks ``task_mark_succeeded`` marked in this
     transaction; return the ids recorded."""
-    rows = _all(
-        conn,
-        "task_record_outcomes",
-        {"task_ids": list(task_ids), "tokens": list(tokens), "results": list(results_json)},
-    )
-    return {int(r["task_id"]) for r in rows}
+    return _completed_ids(conn, "task_record_outcomes", task_ids, tokens, results_json)
 
 
 def task_complete_many(
@@ -246,9 +241,20 @@ def task_complete_many(
 ) -> set[int]:
     """The fenced completions of tasks that wrote nothing, in one statement; return the ids
     completed (a task not among them was fenced)."""
+    return _completed_ids(conn, "task_complete_many", task_ids, tokens, results_json)
+
+
+def _completed_ids(
+    conn: Conn,
+    name: str,
+    task_ids: Sequence[int],
+    tokens: Sequence[int],
+    results_json: Sequence[str],
+) -> set[int]:
+    """Run a completion statement over (task, token, result) arrays; the task ids it returned."""
     rows = _all(
         conn,
-        "task_complete_many",
+        name,
         {"task_ids": list(task_ids), "tokens": list(tokens), "results": list(results_json)},
     )
     return {int(r["task_id"]) for r in rows}

@@ -715,6 +715,11 @@ class Worker:
                 self._record_fenced(conn, fenced)
         return True
 
+    def _begin_txn(self, conn: psycopg.Connection[Any], txn: _Txn, then: str = "") -> None:
+        """Open the task transaction (``self._begin``), with ``then`` in the same round trip."""
+        conn.execute(f"{self._begin}; {then}" if then else self._begin)
+        txn.begun = True
+
     def _complete_deferred(
         self, conn: psycopg.Connection[Any], done: list[tuple[Claimed, str, float]], txn: _Txn
     ) -> list[Claimed]:
@@ -774,8 +779,7 @@ class Worker:
             nonlocal savepoint
             if not txn.begun:
                 # One round trip: the transaction and the task's savepoint.
-                conn.execute(f"{self._begin}; {_SAVEPOINT_OPEN}")
-                txn.begun = True
+                self._begin_txn(conn, txn, _SAVEPOINT_OPEN)
             else:
                 conn.execute(_SAVEPOINT_RENEW if txn.savepoint_open else _SAVEPOINT_OPEN)
             txn.savepoint_open = savepoint = True
@@ -864,8 +868,7 @@ class Worker:
         if rollback:
             conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
         if not txn.begun:
-            conn.execute(self._begin)
-            txn.begun = True
+            self._begin_txn(conn, txn)
         return self._fail(conn, task, registered, error, task_log), duration
 
     def _check_args_fit(self, registered: Task, ctx: Context, args: dict[str, Any]) -> None:
