@@ -4,11 +4,35 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
 _configured = False
+
+
+class _LineLogger:
+    """structlog's output: each line goes out in one write, under the stdlib handler's lock.
+
+    structlog's PrintLogger prints the message and its newline as two writes under a lock of its
+    own, so a line from the stdlib handler (psycopg_pool's reconnect warnings, from the pool's
+    thread) could land between them and two JSON objects shared a line. Here both kinds of line
+    take the same lock and each is written whole.
+    """
+
+    def __init__(self, handler: logging.StreamHandler[TextIO]) -> None:
+        self._handler = handler
+
+    def msg(self, message: str) -> None:
+        handler = self._handler
+        handler.acquire()
+        try:
+            handler.stream.write(message + "\n")
+            handler.stream.flush()
+        finally:
+            handler.release()
+
+    log = debug = info = warn = warning = error = err = critical = exception = fatal = msg
 
 
 def configure(level: str = "INFO", json: bool | None = None) -> None:
@@ -23,18 +47,6 @@ def configure(level: str = "INFO", json: bool | None = None) -> None:
     if json is None:
         json = not sys.stderr.isatty()
     renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=False,
-    )
     # Libraries' stdlib logging (psycopg_pool's reconnect warnings...) goes out in the same
     # format, so that a JSON log stays one JSON object per line.
     handler = logging.StreamHandler(sys.stderr)
@@ -47,6 +59,18 @@ def configure(level: str = "INFO", json: bool | None = None) -> None:
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
             ],
         )
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level]),
+        logger_factory=lambda *_args: _LineLogger(handler),
+        cache_logger_on_first_use=False,
     )
     root = logging.getLogger()
     root.handlers = [handler]
