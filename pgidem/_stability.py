@@ -80,7 +80,10 @@ MINIMUM = {
 WHY_MINIMUM = {
     "kill_random": "lands at a random point: a few kills cover claim, handler and commit",
     "kill_after_charge": "the crash just before the commit: each must be replayed, not re-charged",
-    "pause_past_lease": "each must end with a refused stale completion; two show it is no fluke",
+    "pause_past_lease": (
+        "each must end with its stale attempts refused, or ended with the paused worker's "
+        "session; two show it is no fluke"
+    ),
     "terminate_backend": "cuts connections mid-transaction and mid-heartbeat, a few times",
     "sigterm": "graceful stop must give back unstarted leases: twice, with work in flight",
     "server_restart": "every connection drops at once; once proves the workers reconnect",
@@ -872,8 +875,11 @@ class Injector:
         self.pauses.append(pause)
         if not pause.reclaimed:
             return False, f"pid {pid}: no task re-claimed while paused"
-        # Give the woken worker time to try its completions and be refused (a batched task
-        # whose lost lease it notices first, it skips: that attempt stays `lease_expired`).
+        # Give the woken worker time to try its completions and be refused. An attempt stays
+        # `lease_expired` when the woken worker never tried: it skips a batched task whose lost
+        # lease it notices first, and a transaction that had locked its rows ahead (quick
+        # tasks, see task_lock_claims) was ended by the server while the worker slept (its
+        # idle-in-transaction limit is the lease): that is how those tasks could be re-claimed.
         limit = time.monotonic() + self.settings.lease * 2 + self.settings.window + 3
         stale = list(pause.reclaimed.values())
         while time.monotonic() < limit:
@@ -883,9 +889,11 @@ class Injector:
                 break
             time.sleep(0.1)
         refused = sum(1 for s in pause.statuses.values() if s == "fenced")
-        return refused > 0, (
+        declined = sum(1 for s in pause.statuses.values() if s == "lease_expired")
+        settled = len(pause.statuses) == len(stale) and refused + declined == len(stale)
+        return settled, (
             f"pid {pid}: {len(pause.reclaimed)} of {len(held)} tasks re-claimed, "
-            f"{refused} stale completions refused"
+            f"{refused} stale completions refused, {declined} never tried"
         )
 
     def _held_by(self, pid: int) -> dict[int, int]:

@@ -221,6 +221,23 @@ def task_claim(
     )
 
 
+def task_lock_claims(
+    conn: Conn, *, task_ids: Sequence[int], tokens: Sequence[int]
+) -> tuple[dict[int, tuple[bool, bool]], int | None]:
+    """Lock the rows of claimed tasks FOR SHARE in the open transaction; return token ->
+    (current, cancelled) for each task found, and the transaction's id."""
+    rows = _all(conn, "task_lock_claims", {"task_ids": list(task_ids), "tokens": list(tokens)})
+    states = {int(r["token"]): (bool(r["current"]), bool(r["cancelled"])) for r in rows}
+    return states, (int(rows[0]["xid"]) if rows else None)
+
+
+def transaction_status(conn: Conn, xid: int) -> str | None:
+    """``committed``, ``aborted`` or ``in progress`` for a transaction id from
+    ``task_lock_claims`` (None when too old to tell)."""
+    row = _one(conn, "transaction_status", {"xid": xid})
+    return None if row is None else row["status"]
+
+
 def task_mark_succeeded(conn: Conn, *, task_id: int, token: int) -> bool:
     """Mark a running task succeeded if ``token`` is still its claim's (its outcome follows
     with ``task_record_outcomes``); False when fenced (the caller must roll back the task's

@@ -55,6 +55,7 @@ from pgidem.errors import (
     MAX_ERROR_MESSAGE,
     MAX_TRACEBACK,
     InvalidInput,
+    LeaseLost,
     NonRetryable,
     PgidemError,
     Retry,
@@ -80,6 +81,9 @@ _SAVEPOINT = "pgidem_task"
 # task's, if any, is released in the same round trip (COMMIT would release it anyway).
 _SAVEPOINT_OPEN = f"SAVEPOINT {_SAVEPOINT}"
 _SAVEPOINT_RENEW = f"RELEASE SAVEPOINT {_SAVEPOINT}; SAVEPOINT {_SAVEPOINT}"
+# A task's writes undone, and the transaction back at its own level, where the failure's record
+# goes (a row locked by the transaction and updated in a savepoint would become a MultiXact).
+_SAVEPOINT_UNDO = f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}; RELEASE SAVEPOINT {_SAVEPOINT}"
 #: A transaction that opened this many task savepoints commits before the next task starts.
 #: Each task that writes gets a subtransaction id; past 64 in one transaction every other
 #: backend's snapshot overflows and looks them up in pg_subtrans (PGPROC_MAX_CACHED_SUBXIDS).
@@ -109,6 +113,17 @@ class _Txn:
     #: of the connection, or a failure's record): tasks that never reach the connection need
     #: no transaction block, their one completion statement being a transaction of its own.
     begun: bool = False
+    #: The batch's tasks not yet run (the list ``_run_transaction`` takes them from).
+    pending: list[Claimed] = field(default_factory=list)
+    #: Tasks whose rows this transaction locked ahead (task_lock_claims) and found still this
+    #: claim's: their completions are certain, nothing of theirs needs checking per task.
+    locked: set[int] = field(default_factory=set)
+    #: Locked-ahead tasks that wrote: task_complete_many must complete every one of them (or
+    #: the transaction rolls back).
+    locked_writers: set[int] = field(default_factory=set)
+    #: The transaction's id, known once it locked ahead (to tell, if a handler ends the
+    #: transaction itself, whether what came before committed).
+    xid: int | None = None
 
 
 @dataclass
@@ -634,7 +649,7 @@ class Worker:
         current: Claimed | None = None
         committing = False
         opened = time.monotonic()
-        txn = _Txn()
+        txn = _Txn(pending=pending)
         try:
             while pending and not self._stopping.is_set():
                 task = pending[0]
@@ -737,6 +752,18 @@ class Worker:
                 tokens=[t.token for t in plain],
                 results_json=[txn.deferred[t.token] for t in plain],
             )
+            unsure = [
+                t.task_id
+                for t in plain
+                if t.token in txn.locked_writers and t.task_id not in completed
+            ]
+            if unsure:
+                # Their rows were locked ahead as this claim's, so this cannot happen; were it
+                # to, their writes must not commit without their completions.
+                raise RuntimeError(
+                    f"tasks {unsure} wrote and could not be completed although their rows were "
+                    "locked; rolling the transaction back"
+                )
         if marked:
             recorded = _store.task_record_outcomes(
                 conn,
@@ -777,6 +804,9 @@ class Worker:
 
         def open_savepoint() -> None:
             nonlocal savepoint
+            refused = ""
+            if task.token not in txn.locked and self._lockable(task):
+                refused = self._lock_ahead(conn, txn, task)
             if not txn.begun:
                 # One round trip: the transaction and the task's savepoint.
                 self._begin_txn(conn, txn, _SAVEPOINT_OPEN)
@@ -784,6 +814,10 @@ class Worker:
                 conn.execute(_SAVEPOINT_RENEW if txn.savepoint_open else _SAVEPOINT_OPEN)
             txn.savepoint_open = savepoint = True
             txn.savepoints += 1
+            if refused:
+                # Its savepoint is open all the same: whatever the handler writes after catching
+                # this goes back with it (its completion is refused like any stale one).
+                raise LeaseLost(refused)
 
         task_log = self.log.bind(
             task_id=task.task_id,
@@ -836,7 +870,7 @@ class Worker:
         if task.lease.abandoned.is_set():
             # Past its timeout the heartbeat already failed the attempt; nothing of it commits.
             if rollback:
-                conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+                self._undo_savepoint(conn, txn)
             return "abandoned", duration
         if ctx.conn.misused:
             # It tried to end the transaction and pgidem refused; even if it carried on, its
@@ -854,6 +888,12 @@ class Worker:
             if not savepoint:
                 txn.deferred[task.token] = result_json
                 return "deferred", duration
+            if task.token in txn.locked:
+                # Its row was locked ahead, still this claim's: its completion goes with the
+                # others' before COMMIT, and nothing can refuse it in between.
+                txn.deferred[task.token] = result_json
+                txn.locked_writers.add(task.token)
+                return "deferred", duration
             # Its fence, checked inside its savepoint: the task becomes succeeded only if the
             # token is still the claim's. One short statement here; the rest of the completion
             # record (outcome and attempt) goes with the other tasks' before COMMIT, in the
@@ -863,13 +903,79 @@ class Worker:
                 txn.deferred[task.token] = result_json
                 txn.marked.add(task.token)
                 return "deferred", duration
-            conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+            self._undo_savepoint(conn, txn)
             return ("cancelled" if task.lease.cancelled.is_set() else "fenced"), duration
         if rollback:
-            conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+            self._undo_savepoint(conn, txn)
         if not txn.begun:
             self._begin_txn(conn, txn)
         return self._fail(conn, task, registered, error, task_log), duration
+
+    def _undo_savepoint(self, conn: psycopg.Connection[Any], txn: _Txn) -> None:
+        """Roll the current task's writes back and leave its savepoint."""
+        if txn.savepoint_open:
+            conn.execute(_SAVEPOINT_UNDO)
+            txn.savepoint_open = False
+        else:  # the transaction is in error without a savepoint: the statement fails
+            conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+
+    def _lockable(self, task: Claimed) -> bool:
+        """Whether a task's row may be locked ahead, before its handler runs: only a task
+        without a time limit whose handler is known to be quick (the lock holds until COMMIT,
+        and the heartbeat must be able to fail a task past its timeout)."""
+        return (
+            task.timeout is None
+            and self._durations.get(task.task_name, float("inf")) <= self.config.commit_interval
+        )
+
+    def _lock_ahead(self, conn: psycopg.Connection[Any], txn: _Txn, task: Claimed) -> str:
+        """Lock ahead, in the transaction itself, the rows of ``task`` (about to write) and of
+        the batch-mates likely to share its transaction (task_lock_claims); return why ``task``
+        may not go on ("" when it may).
+
+        While the transaction holds these locks nothing can take the tasks from this worker,
+        so a paused or hung worker would keep them: the transaction's idle time is limited to
+        the lease (PostgreSQL ends the session past it, its locks go and the tasks are
+        rescued as after a crash)."""
+        room = max(1, _MAX_SAVEPOINTS - txn.savepoints)
+        mates = [t for t in txn.pending if t.token not in txn.locked and self._lockable(t)]
+        targets = [task, *mates[: room - 1]]
+        idle_ms = int(self.config.lease * 1000)
+        limit = f"SET LOCAL idle_in_transaction_session_timeout = {idle_ms}"
+        if not txn.begun:
+            self._begin_txn(conn, txn, limit)
+        elif txn.xid is None:
+            # Back to the transaction's own level for the lock (the previous task's savepoint,
+            # if any, is released: its task is done).
+            conn.execute(
+                f"RELEASE SAVEPOINT {_SAVEPOINT}; {limit}" if txn.savepoint_open else limit
+            )
+            txn.savepoint_open = False
+        elif txn.savepoint_open:
+            conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+            txn.savepoint_open = False
+        states, xid = _store.task_lock_claims(
+            conn, task_ids=[t.task_id for t in targets], tokens=[t.token for t in targets]
+        )
+        if txn.xid is None:
+            txn.xid = xid
+        for other in targets:
+            current, cancelled = states.get(other.token, (False, False))
+            if current:
+                txn.locked.add(other.token)
+            elif cancelled:
+                if not other.lease.cancelled.is_set():
+                    other.lease.cancelled.set()
+                    self.log.warning(
+                        "task_cancel_seen", task_id=other.task_id, fencing_token=other.token
+                    )
+            elif not other.lease.lost.is_set():
+                self._mark_lost(other, "superseded")
+        if task.token in txn.locked:
+            return ""
+        if task.lease.cancelled.is_set():
+            return f"task {task.task_id} was cancelled"
+        return f"the lease of task {task.task_id} (token {task.token}) is lost"
 
     def _check_args_fit(self, registered: Task, ctx: Context, args: dict[str, Any]) -> None:
         """Raise InvalidInput (no retry: it would fail the same way) when the task's args do
@@ -968,10 +1074,33 @@ class Worker:
             outcome = self._fail(fresh, task, self.app.tasks[task.task_name], err, self.log)
             self._finished(task, outcome, duration)
             fenced = [task] if outcome == "fenced" else []
+            # Tasks locked ahead leave no trace of their own in their rows before COMMIT: the
+            # transaction's fate says whether their writes stuck.
+            ended = None if txn.xid is None else _store.transaction_status(fresh, txn.xid)
             for other, other_outcome, other_duration in done:
                 row = _store.task_get(fresh, other.task_id)
                 if row is None or row["fencing_token"] != other.token:
                     self._finished(other, "fenced", other_duration)
+                elif other_outcome == "deferred" and other.token in txn.locked_writers:
+                    if ended == "committed" and row["state"] == "running":
+                        # Its writes were committed by the handler's COMMIT: complete it now.
+                        completed = other.task_id in _store.task_complete_many(
+                            fresh,
+                            task_ids=[other.task_id],
+                            tokens=[other.token],
+                            results_json=[txn.deferred[other.token]],
+                        )
+                        self._finished(
+                            other, "succeeded" if completed else "unknown", other_duration
+                        )
+                    elif ended == "aborted" and row["state"] == "running":
+                        # Rolled back with the transaction: it runs again by its policy.
+                        retried = self._fail(fresh, other, registered_of(other), lost, self.log)
+                        self._finished(other, retried, other_duration)
+                        if retried == "fenced":
+                            fenced.append(other)
+                    else:
+                        self._finished(other, "unknown", other_duration)
                 elif other_outcome == "deferred" and other.token in txn.marked:
                     # It wrote and was marked succeeded in the transaction; its outcome was to
                     # follow before COMMIT. Its row says how the handler ended the transaction.

@@ -283,6 +283,39 @@ SELECT c.id, c.task_name, c.queue, c.args, c.idempotency_key, c.attempts, c.max_
   FROM claimed c
  ORDER BY c.priority DESC, c.run_at, c.id;
 
+-- name: task_lock_claims
+-- The fence of tasks that are about to write, taken ahead: before the first of them reaches the
+-- task's connection, lock the rows of it and of the batch-mates that will likely share its
+-- transaction, FOR SHARE, in the transaction itself (not in a savepoint), and say which are still
+-- this claim's (token ours, running) or were cancelled. Until COMMIT nothing can change a locked
+-- row: a rescue (FOR UPDATE SKIP LOCKED) skips it, a cancel waits, the heartbeat skips it; so each
+-- task's completion, written by task_complete_many before COMMIT, is certain when the task
+-- starts, and no statement per task is needed to check it. FOR SHARE, not FOR UPDATE, because a
+-- step (ctx.step) checks the claim FOR SHARE on a connection of its own while the handler waits
+-- for it; and a lock taken by the transaction itself (not a savepoint) and later updated by it
+-- stays a plain lock, where one taken in a savepoint would become a MultiXact. `xid` is the
+-- transaction's id: if a handler ends the transaction itself, pg_xact_status tells whether the
+-- tasks that wrote before it committed.
+WITH locked AS MATERIALIZED (
+    SELECT t.id, t.fencing_token, t.state
+      FROM pgidem.tasks t
+     WHERE t.id = ANY(%(task_ids)b::bigint[])
+     ORDER BY t.id
+       FOR SHARE OF t
+)
+SELECT i.token,
+       (l.fencing_token = i.token AND l.state = 'running') AS current,
+       (l.fencing_token = i.token AND l.state = 'cancelled') AS cancelled,
+       txid_current() AS xid
+  FROM unnest(%(task_ids)b::bigint[], %(tokens)b::bigint[]) AS i(id, token)
+  JOIN locked l ON l.id = i.id;
+
+
+-- name: transaction_status
+-- Whether a transaction of this worker committed (after a handler ended it itself).
+SELECT txid_status(%(xid)s::bigint) AS status;
+
+
 -- name: task_mark_succeeded
 -- The fence of a task whose handler wrote, checked when it returns, inside its savepoint: the
 -- task becomes succeeded if its token is still the claim's and it is still running. Nothing

@@ -130,6 +130,50 @@ def test_paused_worker_is_fenced_after_another_finished_its_task(
     assert paused.alive() and winner.alive()
 
 
+def test_paused_worker_holding_rows_locked_ahead_loses_its_session_and_the_tasks_are_rescued(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
+) -> None:
+    """A worker whose handlers are known to be quick locks the rows of a batch ahead (so that
+    nothing can take them before its COMMIT) and limits its transaction's idle time to the
+    lease. SIGSTOPped mid-handler with such locks, it cannot keep the tasks: the server ends
+    its session after the lease, another worker rescues both tasks of the batch (the running
+    one and its unstarted batch-mate) and completes them; woken, the paused worker's writes
+    are gone with its session, its attempts stay `lease_expired`, and it carries on."""
+    warm = app.enqueue_many("write", [{"n": i} for i in range(8)])
+    paused = spawn_worker(dsn, "--concurrency", "1", "--batch-size", "4", "--lease", "1")
+    wait_all(dsn, len(warm), timeout=60)  # "write" is now known to be quick
+    handle = app.enqueue("write", {"n": 100, "sleep": 3.0})
+    second = app.enqueue("write", {"n": 101})
+    wait_until(lambda: handlers_in_flight(dsn) == 1, 30, 0.02, "the handler running")
+    # Both rows are locked (the unstarted batch-mate's too): a rescue could not take them.
+    with psycopg.connect(dsn) as probe:
+        for task_id in (handle.id, second.id):
+            with pytest.raises(psycopg.errors.LockNotAvailable), probe.transaction():
+                probe.execute(
+                    "SELECT 1 FROM pgidem.tasks WHERE id = %s FOR UPDATE NOWAIT", (task_id,)
+                )
+    paused.signal(signal.SIGSTOP)
+    tokens = {t.id: task_row(dsn, t.id)["fencing_token"] for t in (handle, second)}
+    rescuer = spawn_worker(dsn, "--concurrency", "2", "--lease", "1", "--poll-interval", "0.2")
+    handle.result(timeout=60)
+    second.result(timeout=60)
+    paused.signal(signal.SIGCONT)
+    paused.wait_for_event("task_rolled_back", 20)
+    for task_id, stale in tokens.items():
+        tries = attempts(dsn, task_id)
+        assert [a["status"] for a in tries] == ["lease_expired", "succeeded"], tries
+        assert tries[0]["fencing_token"] == stale
+        assert task_row(dsn, task_id)["o_token"] == tries[-1]["fencing_token"] > stale
+    assert rows(dsn, "SELECT task_id FROM ledger WHERE n >= 100 ORDER BY task_id") == [
+        (handle.id,),
+        (second.id,),
+    ]
+    assert_once_per_task(dsn)
+    app.enqueue_many("write", [{"n": 200 + i} for i in range(4)])
+    wait_all(dsn, len(warm) + 6, timeout=60)  # both workers go on
+    assert paused.alive() and rescuer.alive()
+
+
 def test_terminated_connections_are_survived(
     dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
 ) -> None:
