@@ -91,6 +91,20 @@ _SAVEPOINT_UNDO = f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}; RELEASE SAVEPOINT {_SAVE
 _MAX_SAVEPOINTS = 32
 
 
+_COMMAND_DONE = (psycopg.pq.ExecStatus.COMMAND_OK, psycopg.pq.ExecStatus.TUPLES_OK)
+
+
+def _command(conn: psycopg.Connection[Any], sql: str) -> None:
+    """Run pgidem's own parameterless commands of the task transaction (BEGIN, SAVEPOINT,
+    RELEASE, COMMIT...) straight through libpq, in one round trip: about 20 us of CPU less than
+    a cursor's ``execute`` (no cursor, no query conversion, no prepare bookkeeping), and a task
+    that writes sends one of them. Raises the psycopg error of a failed command."""
+    with conn.lock:
+        result = conn.pgconn.exec_(sql.encode())
+    if result.status not in _COMMAND_DONE:
+        raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+
+
 @dataclass
 class _Txn:
     """What one completion transaction carries from task to task."""
@@ -703,7 +717,7 @@ class Worker:
                 fenced += self._complete_deferred(conn, done, txn)
             committing = True
             if txn.begun:
-                conn.execute("COMMIT")
+                _command(conn, "COMMIT")
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
@@ -732,7 +746,7 @@ class Worker:
 
     def _begin_txn(self, conn: psycopg.Connection[Any], txn: _Txn, then: str = "") -> None:
         """Open the task transaction (``self._begin``), with ``then`` in the same round trip."""
-        conn.execute(f"{self._begin}; {then}" if then else self._begin)
+        _command(conn, f"{self._begin}; {then}" if then else self._begin)
         txn.begun = True
 
     def _complete_deferred(
@@ -811,7 +825,7 @@ class Worker:
                 # One round trip: the transaction and the task's savepoint.
                 self._begin_txn(conn, txn, _SAVEPOINT_OPEN)
             else:
-                conn.execute(_SAVEPOINT_RENEW if txn.savepoint_open else _SAVEPOINT_OPEN)
+                _command(conn, _SAVEPOINT_RENEW if txn.savepoint_open else _SAVEPOINT_OPEN)
             txn.savepoint_open = savepoint = True
             txn.savepoints += 1
             if refused:
@@ -914,10 +928,10 @@ class Worker:
     def _undo_savepoint(self, conn: psycopg.Connection[Any], txn: _Txn) -> None:
         """Roll the current task's writes back and leave its savepoint."""
         if txn.savepoint_open:
-            conn.execute(_SAVEPOINT_UNDO)
+            _command(conn, _SAVEPOINT_UNDO)
             txn.savepoint_open = False
         else:  # the transaction is in error without a savepoint: the statement fails
-            conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+            _command(conn, f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
 
     def _lockable(self, task: Claimed) -> bool:
         """Whether a task's row may be locked ahead, before its handler runs: only a task
@@ -947,12 +961,12 @@ class Worker:
         elif txn.xid is None:
             # Back to the transaction's own level for the lock (the previous task's savepoint,
             # if any, is released: its task is done).
-            conn.execute(
-                f"RELEASE SAVEPOINT {_SAVEPOINT}; {limit}" if txn.savepoint_open else limit
+            _command(
+                conn, f"RELEASE SAVEPOINT {_SAVEPOINT}; {limit}" if txn.savepoint_open else limit
             )
             txn.savepoint_open = False
         elif txn.savepoint_open:
-            conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+            _command(conn, f"RELEASE SAVEPOINT {_SAVEPOINT}")
             txn.savepoint_open = False
         states, xid = _store.task_lock_claims(
             conn, task_ids=[t.task_id for t in targets], tokens=[t.token for t in targets]
