@@ -98,7 +98,24 @@ def _app(dsn: str | None) -> App:
     return App(dsn)
 
 
-@click.group()
+class _Commands(click.Group):
+    """The command group; `stability` and `demo` are imported only when asked for (their
+    module and the fake payment service cost every `pgidem worker` start about 27 ms)."""
+
+    _lazy = {"stability": "stability_command", "demo": "demo_command"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self._lazy and cmd_name not in self.commands:
+            from pgidem import _stability
+
+            self.add_command(getattr(_stability, self._lazy[cmd_name]))
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Commands)
 @click.option("--log-level", default="INFO", show_default=True, help="Lowest log level shown.")
 @click.option("--log-json/--log-pretty", default=None, help="Log format (default: by terminal).")
 def main(log_level: str, log_json: bool | None) -> None:
@@ -551,16 +568,6 @@ def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         if n == 0:
             click.echo("  ".join("-" * w for w in widths))
-
-
-def _register_stability() -> None:
-    from pgidem._stability import demo_command, stability_command
-
-    main.add_command(stability_command)
-    main.add_command(demo_command)
-
-
-_register_stability()
 
 
 def _limits_text(limits: dict[str, Any]) -> str:
