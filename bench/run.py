@@ -72,7 +72,7 @@ FULL = Sizes(
     bulk=20_000,
     one=2_000,
     drain=20_000,
-    grid=((1, 4, 16), (2, 4, 32), (2, 4, 64), (2, 8, 100)),
+    grid=((1, 4, 16), (2, 4, 32), (2, 2, 500), (2, 1, 500)),
     latency=300,
     latency_gap_s=0.02,
     history=500_000,
@@ -335,30 +335,46 @@ def bench_pgidem(admin_dsn: str, sizes: Sizes, quick: bool) -> dict[str, Any]:
 
         best = max((d for d in drains if d["task"] == "noop"), key=lambda d: d["jobs_per_s"])
         procs, conc, batch = best["processes"], best["concurrency"], best["batch_size"]
-        pgd.reset(dsn)
-        log(f"pgidem: history: empty table, {procs} x {conc}, batch {batch}")
-        empty = pgd.run_drain(
-            admin_dsn,
-            dsn,
-            tasks=sizes.drain,
-            task="noop",
-            procs=procs,
-            concurrency=conc,
-            batch_size=batch,
-        )
+        # Each side is the better of two drains (a drain of 20,000 no-op tasks lasts about a
+        # second, and one hiccup of a shared machine moved the ratio by 0.1): the empty table
+        # emptied again before its second, the first's tasks deleted from the history's.
+        empties = []
+        for _ in range(2):
+            pgd.reset(dsn)
+            pgd.checkpoint(dsn)
+            log(f"pgidem: history: empty table, {procs} x {conc}, batch {batch}")
+            empties.append(
+                pgd.run_drain(
+                    admin_dsn,
+                    dsn,
+                    tasks=sizes.drain,
+                    task="noop",
+                    procs=procs,
+                    concurrency=conc,
+                    batch_size=batch,
+                )
+            )
         pgd.reset(dsn)
         log(f"pgidem: history: inserting {sizes.history} finished tasks")
         insert_s = pgd.add_history(dsn, sizes.history)
-        log("pgidem: history: drain on top of it")
-        full = pgd.run_drain(
-            admin_dsn,
-            dsn,
-            tasks=sizes.drain,
-            task="noop",
-            procs=procs,
-            concurrency=conc,
-            batch_size=batch,
-        )
+        fulls = []
+        for i in range(2):
+            if i:
+                pgd.clear_drained(dsn)
+            log("pgidem: history: drain on top of it")
+            fulls.append(
+                pgd.run_drain(
+                    admin_dsn,
+                    dsn,
+                    tasks=sizes.drain,
+                    task="noop",
+                    procs=procs,
+                    concurrency=conc,
+                    batch_size=batch,
+                )
+            )
+        empty = max(empties, key=lambda d: d.jobs_per_s)
+        full = max(fulls, key=lambda d: d.jobs_per_s)
         out["history"] = {
             "history_rows": sizes.history,
             "insert_seconds": round(insert_s, 1),

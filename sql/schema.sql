@@ -847,6 +847,8 @@ CREATE INDEX tasks_running_key ON pgidem.tasks USING btree (queue, concurrency_k
 
 CREATE INDEX tasks_scheduled ON pgidem.tasks USING btree (run_at, queue) WHERE (state = 'queued'::text);
 
+CREATE STATISTICS pgidem.tasks_state_queue_task_name (mcv) ON task_name, queue, state FROM pgidem.tasks;
+
 ALTER TABLE ONLY pgidem.attempts
     ADD CONSTRAINT attempts_task_id_fkey FOREIGN KEY (task_id) REFERENCES pgidem.tasks(id) ON DELETE CASCADE;
 
@@ -865,4 +867,5 @@ INSERT INTO pgidem.migrations (version, name) VALUES
     (2, 'effects'),
     (3, 'control'),
     (4, 'scheduling'),
-    (5, 'enqueue_speed');
+    (5, 'enqueue_speed'),
+    (6, 'claim_statistics');
