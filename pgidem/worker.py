@@ -966,8 +966,12 @@ class Worker:
         the lease (PostgreSQL ends the session past it, its locks go and the tasks are
         rescued as after a crash)."""
         room = max(1, _MAX_SAVEPOINTS - txn.savepoints)
-        mates = [t for t in txn.pending if t.token not in txn.locked and self._lockable(t)]
-        targets = [task, *mates[: room - 1]]
+        targets = [task]
+        for mate in txn.pending:  # a batch can be long: stop once the room is taken
+            if len(targets) >= room:
+                break
+            if mate.token not in txn.locked and self._lockable(mate):
+                targets.append(mate)
         idle_ms = int(self.config.lease * 1000)
         limit = f"SET LOCAL idle_in_transaction_session_timeout = {idle_ms}"
         if not txn.begun:
