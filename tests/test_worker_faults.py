@@ -142,8 +142,10 @@ def test_paused_worker_holding_rows_locked_ahead_loses_its_session_and_the_tasks
     warm = app.enqueue_many("write", [{"n": i} for i in range(8)])
     paused = spawn_worker(dsn, "--concurrency", "1", "--batch-size", "4", "--lease", "1")
     wait_all(dsn, len(warm), timeout=60)  # "write" is now known to be quick
-    handle = app.enqueue("write", {"n": 100, "sleep": 3.0})
-    second = app.enqueue("write", {"n": 101})
+    # One transaction, so that one claim takes both (two enqueues could be claimed apart).
+    handle, second = (
+        app.handle(i) for i in app.enqueue_many("write", [{"n": 100, "sleep": 3.0}, {"n": 101}])
+    )
     wait_until(lambda: handlers_in_flight(dsn) == 1, 30, 0.02, "the handler running")
     # Both rows are locked (the unstarted batch-mate's too): a rescue could not take them.
     with psycopg.connect(dsn) as probe:
