@@ -31,6 +31,7 @@ import psycopg
 from benchlib import (
     BENCH,
     BenchError,
+    DrainResult,
     admin_connect,
     dbname_of,
     scratch_db,
@@ -335,46 +336,41 @@ def bench_pgidem(admin_dsn: str, sizes: Sizes, quick: bool) -> dict[str, Any]:
 
         best = max((d for d in drains if d["task"] == "noop"), key=lambda d: d["jobs_per_s"])
         procs, conc, batch = best["processes"], best["concurrency"], best["batch_size"]
+
         # Each side is the better of two drains (a drain of 20,000 no-op tasks lasts about a
         # second, and one hiccup of a shared machine moved the ratio by 0.1): the empty table
         # emptied again before its second, the first's tasks deleted from the history's.
-        empties = []
-        for _ in range(2):
+        def best_of_two(prepare: Callable[[int], None], label: str) -> DrainResult:
+            drained = []
+            for i in range(2):
+                prepare(i)
+                log(f"pgidem: history: {label}, {procs} x {conc}, batch {batch}")
+                drained.append(
+                    pgd.run_drain(
+                        admin_dsn,
+                        dsn,
+                        tasks=sizes.drain,
+                        task="noop",
+                        procs=procs,
+                        concurrency=conc,
+                        batch_size=batch,
+                    )
+                )
+            return max(drained, key=lambda d: d.jobs_per_s)
+
+        def emptied(_: int) -> None:
             pgd.reset(dsn)
             pgd.checkpoint(dsn)
-            log(f"pgidem: history: empty table, {procs} x {conc}, batch {batch}")
-            empties.append(
-                pgd.run_drain(
-                    admin_dsn,
-                    dsn,
-                    tasks=sizes.drain,
-                    task="noop",
-                    procs=procs,
-                    concurrency=conc,
-                    batch_size=batch,
-                )
-            )
+
+        def history_only(i: int) -> None:
+            if i:
+                pgd.clear_drained(dsn)
+
+        empty = best_of_two(emptied, "empty table")
         pgd.reset(dsn)
         log(f"pgidem: history: inserting {sizes.history} finished tasks")
         insert_s = pgd.add_history(dsn, sizes.history)
-        fulls = []
-        for i in range(2):
-            if i:
-                pgd.clear_drained(dsn)
-            log("pgidem: history: drain on top of it")
-            fulls.append(
-                pgd.run_drain(
-                    admin_dsn,
-                    dsn,
-                    tasks=sizes.drain,
-                    task="noop",
-                    procs=procs,
-                    concurrency=conc,
-                    batch_size=batch,
-                )
-            )
-        empty = max(empties, key=lambda d: d.jobs_per_s)
-        full = max(fulls, key=lambda d: d.jobs_per_s)
+        full = best_of_two(history_only, "drain on top of it")
         out["history"] = {
             "history_rows": sizes.history,
             "insert_seconds": round(insert_s, 1),

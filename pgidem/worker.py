@@ -972,20 +972,17 @@ class Worker:
                 break
             if mate.token not in txn.locked and self._lockable(mate):
                 targets.append(mate)
-        idle_ms = int(self.config.lease * 1000)
-        limit = f"SET LOCAL idle_in_transaction_session_timeout = {idle_ms}"
+        # Back to the transaction's own level for the lock (the previous task's savepoint, if
+        # any, is released: its task is done), and the idle limit once per transaction.
+        head = [f"RELEASE SAVEPOINT {_SAVEPOINT}"] if txn.savepoint_open else []
+        if txn.xid is None:
+            idle_ms = int(self.config.lease * 1000)
+            head.append(f"SET LOCAL idle_in_transaction_session_timeout = {idle_ms}")
         if not txn.begun:
-            self._begin_txn(conn, txn, limit)
-        elif txn.xid is None:
-            # Back to the transaction's own level for the lock (the previous task's savepoint,
-            # if any, is released: its task is done).
-            _command(
-                conn, f"RELEASE SAVEPOINT {_SAVEPOINT}; {limit}" if txn.savepoint_open else limit
-            )
-            txn.savepoint_open = False
-        elif txn.savepoint_open:
-            _command(conn, f"RELEASE SAVEPOINT {_SAVEPOINT}")
-            txn.savepoint_open = False
+            self._begin_txn(conn, txn, "; ".join(head))
+        elif head:
+            _command(conn, "; ".join(head))
+        txn.savepoint_open = False
         states, xid = _store.task_lock_claims(
             conn, task_ids=[t.task_id for t in targets], tokens=[t.token for t in targets]
         )
@@ -1099,13 +1096,26 @@ class Worker:
             "the transaction they shared"
         )
 
-        def registered_of(other: Claimed) -> Task:
-            return self.app.tasks[other.task_name]
-
         with self._connection() as fresh:
             outcome = self._fail(fresh, task, self.app.tasks[task.task_name], err, self.log)
             self._finished(task, outcome, duration)
             fenced = [task] if outcome == "fenced" else []
+
+            def run_again(other: Claimed, took: float) -> None:
+                # Nothing of it stuck: it runs again by its policy (the claim counted).
+                retried = self._fail(fresh, other, self.app.tasks[other.task_name], lost, self.log)
+                self._finished(other, retried, took)
+                if retried == "fenced":
+                    fenced.append(other)
+
+            def complete_now(other: Claimed) -> bool:
+                return other.task_id in _store.task_complete_many(
+                    fresh,
+                    task_ids=[other.task_id],
+                    tokens=[other.token],
+                    results_json=[txn.deferred[other.token]],
+                )
+
             # Tasks locked ahead leave no trace of their own in their rows before COMMIT: the
             # transaction's fate says whether their writes stuck.
             ended = None if txn.xid is None else _store.transaction_status(fresh, txn.xid)
@@ -1116,21 +1126,10 @@ class Worker:
                 elif other_outcome == "deferred" and other.token in txn.locked_writers:
                     if ended == "committed" and row["state"] == "running":
                         # Its writes were committed by the handler's COMMIT: complete it now.
-                        completed = other.task_id in _store.task_complete_many(
-                            fresh,
-                            task_ids=[other.task_id],
-                            tokens=[other.token],
-                            results_json=[txn.deferred[other.token]],
-                        )
-                        self._finished(
-                            other, "succeeded" if completed else "unknown", other_duration
-                        )
+                        verdict = "succeeded" if complete_now(other) else "unknown"
+                        self._finished(other, verdict, other_duration)
                     elif ended == "aborted" and row["state"] == "running":
-                        # Rolled back with the transaction: it runs again by its policy.
-                        retried = self._fail(fresh, other, registered_of(other), lost, self.log)
-                        self._finished(other, retried, other_duration)
-                        if retried == "fenced":
-                            fenced.append(other)
+                        run_again(other, other_duration)  # rolled back with the rest
                     else:
                         self._finished(other, "unknown", other_duration)
                 elif other_outcome == "deferred" and other.token in txn.marked:
@@ -1147,11 +1146,7 @@ class Worker:
                         verdict = "succeeded" if recorded else "unknown"
                         self._finished(other, verdict, other_duration)
                     elif row["state"] == "running":
-                        # Rolled back, its writes with its mark: it runs again by its policy.
-                        retried = self._fail(fresh, other, registered_of(other), lost, self.log)
-                        self._finished(other, retried, other_duration)
-                        if retried == "fenced":
-                            fenced.append(other)
+                        run_again(other, other_duration)  # rolled back with its mark
                     else:
                         self._finished(other, "unknown", other_duration)
                 elif row["state"] != "running" or other_outcome == "fenced":
@@ -1159,22 +1154,13 @@ class Worker:
                     self._finished(other, other_outcome, other_duration)
                 elif other_outcome == "deferred":
                     # It wrote nothing and its completion had not been sent: send it now.
-                    completed = other.task_id in _store.task_complete_many(
-                        fresh,
-                        task_ids=[other.task_id],
-                        tokens=[other.token],
-                        results_json=[txn.deferred[other.token]],
-                    )
+                    completed = complete_now(other)
                     self._finished(other, "succeeded" if completed else "fenced", other_duration)
                     if not completed:
                         fenced.append(other)
                 else:
-                    # Its completion was rolled back with the handler's ROLLBACK (or close):
-                    # nothing of it stuck, so it runs again by its policy (the claim counted).
-                    retried = self._fail(fresh, other, registered_of(other), lost, self.log)
-                    self._finished(other, retried, other_duration)
-                    if retried == "fenced":
-                        fenced.append(other)
+                    # Its completion was rolled back with the handler's ROLLBACK (or close).
+                    run_again(other, other_duration)
             fenced += [other for other, other_outcome, _ in done if other_outcome == "fenced"]
             self._record_fenced(fresh, fenced)
 
