@@ -185,6 +185,14 @@ def migrate(dsn: str | None) -> None:
     "batch before it commits (one commit per batch).",
 )
 @click.option(
+    "--task-savepoints/--no-task-savepoints",
+    default=False,
+    show_default=True,
+    help="Give every task that writes a savepoint of its own, so that a failing task never "
+    "makes the batch-mates that shared its transaction run again (slower for quick writing "
+    "tasks; see docs/handlers.md).",
+)
+@click.option(
     "--prune-interval",
     default="0",
     show_default=True,
@@ -243,6 +251,7 @@ def worker(
     scheduler: bool = True,
     catch_up_window: str = "1d",
     max_catch_up: int = 1000,
+    task_savepoints: bool = False,
 ) -> None:
     """Run a worker for the tasks registered on an App.
 
@@ -269,6 +278,7 @@ def worker(
             batch_size=batch_size,
             grace_period=grace_period,
             commit_interval=commit_interval,
+            task_savepoints=task_savepoints,
             prune_interval=parse_duration(prune_interval),
             prune_batch_size=prune_batch_size,
             prune_older_than=None if prune_older_than is None else parse_duration(prune_older_than),

@@ -89,6 +89,11 @@ _SAVEPOINT_UNDO = f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}; RELEASE SAVEPOINT {_SAVE
 #: backend's snapshot overflows and looks them up in pg_subtrans (PGPROC_MAX_CACHED_SUBXIDS).
 #: A handler's own savepoints count too, hence the margin.
 _MAX_SAVEPOINTS = 32
+#: Successive clean returns of a task's handler (in this worker) before its writes may go
+#: straight into the shared transaction, without a savepoint (``Worker._unguarded``): a task
+#: that failed lately gets its savepoint back, so one that fails often does not make its
+#: batch-mates run again each time.
+_CLEAN_RUNS_UNGUARDED = 50
 
 
 _COMMAND_DONE = (psycopg.pq.ExecStatus.COMMAND_OK, psycopg.pq.ExecStatus.TUPLES_OK)
@@ -138,6 +143,9 @@ class _Txn:
     #: The transaction's id, known once it locked ahead (to tell, if a handler ends the
     #: transaction itself, whether what came before committed).
     xid: int | None = None
+    #: Tasks that wrote without a savepoint of their own (``Worker._unguarded``): a failure
+    #: from here on cannot be undone alone and rolls the whole transaction back.
+    unguarded: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -164,6 +172,10 @@ class Claimed:
     returned: bool = False
     #: The error of a failed attempt whose failure was fenced: kept for its attempt row.
     fenced_error: dict[str, Any] | None = None
+    #: The error its handler raised (or the reason its attempt failed), while the transaction
+    #: that records the failure is open: a batch-mate's failure may roll that record back, and
+    #: it is then recorded again (``Worker._recover_spoiled``).
+    failure: BaseException | None = None
 
 
 @dataclass
@@ -181,6 +193,11 @@ class WorkerConfig:
     poll_interval: float = 1.0
     batch_size: int = 16
     commit_interval: float = 0.05
+    #: Give every task that writes a savepoint of its own. Off: a quick task with a clean
+    #: record writes straight into the transaction it shares with its batch-mates, and when
+    #: it then fails, the whole transaction rolls back and the batch-mates that had written
+    #: run again (see ``Worker._unguarded``).
+    task_savepoints: bool = False
     grace_period: float = 30.0
     reconnect_max: float = 5.0
     worker_id: str | None = None
@@ -301,6 +318,8 @@ class Worker:
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
         self._threads: list[threading.Thread] = []
         self._durations: dict[str, float] = {}
+        #: Task name -> its handler's successive clean returns in this worker (see _unguarded).
+        self._clean_runs: dict[str, int] = {}
         self._signatures: dict[str, inspect.Signature] = {}
         self._args_fit: set[tuple[str, frozenset[str]]] = set()
         #: What opens a task transaction: BEGIN, then the settings the worker changed for its
@@ -709,6 +728,9 @@ class Worker:
                     current = None
                     continue
                 outcome, duration = self._run_one(conn, current, txn)
+                if outcome == "spoiled":
+                    self._recover_spoiled(conn, done, current, duration, txn)
+                    return True
                 if outcome == "ended_transaction":
                     # The handler ended the transaction: what came before it in this
                     # transaction is in an unknown state (committed or rolled back).
@@ -835,6 +857,11 @@ class Worker:
             refused = ""
             if task.token not in txn.locked and self._lockable(task):
                 refused = self._lock_ahead(conn, txn, task)
+            if task.token in txn.locked and self._unguarded(task):
+                # Its writes go straight into the transaction: were it to fail now, the whole
+                # transaction rolls back (_recover_spoiled).
+                txn.unguarded.add(task.token)
+                return
             if not txn.begun:
                 # One round trip: the transaction and the task's savepoint.
                 self._begin_txn(conn, txn, _SAVEPOINT_OPEN)
@@ -890,6 +917,7 @@ class Worker:
             raise psycopg.OperationalError("the connection broke while the handler ran")
         status = conn.info.transaction_status
         if conn.closed or (txn.begun and status == psycopg.pq.TransactionStatus.IDLE):
+            self._clean_runs[task.task_name] = 0
             return "ended_transaction", duration
         # The task's writes, if it made any, go back to its savepoint. (Without a savepoint the
         # transaction cannot be in error through this task; if it is anyway, the statement
@@ -897,6 +925,8 @@ class Worker:
         rollback = savepoint or status == psycopg.pq.TransactionStatus.INERROR
         if task.lease.abandoned.is_set():
             # Past its timeout the heartbeat already failed the attempt; nothing of it commits.
+            if task.token in txn.unguarded:  # (a task with a timeout is never unguarded)
+                return "spoiled", duration
             if rollback:
                 self._undo_savepoint(conn, txn)
             return "abandoned", duration
@@ -912,8 +942,16 @@ class Worker:
                 "the handler returned with its transaction in an error state (it caught a "
                 "database error and went on); its writes were rolled back"
             )
+        if error is not None:
+            self._clean_runs[task.task_name] = 0
+        elif (runs := self._clean_runs.get(task.task_name, 0)) < _CLEAN_RUNS_UNGUARDED:
+            self._clean_runs[task.task_name] = runs + 1
+        if error is not None and task.token in txn.unguarded:
+            # It wrote without a savepoint: its writes cannot go back alone.
+            task.failure = error
+            return "spoiled", duration
         if error is None:
-            if not savepoint:
+            if not savepoint and task.token not in txn.unguarded:
                 txn.deferred[task.token] = result_json
                 return "deferred", duration
             if task.token in txn.locked:
@@ -937,6 +975,7 @@ class Worker:
             self._undo_savepoint(conn, txn)
         if not txn.begun:
             self._begin_txn(conn, txn)
+        task.failure = error
         return self._fail(conn, task, registered, error, task_log), duration
 
     def _undo_savepoint(self, conn: psycopg.Connection[Any], txn: _Txn) -> None:
@@ -954,6 +993,20 @@ class Worker:
         return (
             task.timeout is None
             and self._durations.get(task.task_name, float("inf")) <= self.config.commit_interval
+        )
+
+    def _unguarded(self, task: Claimed) -> bool:
+        """Whether a task whose row this transaction locked ahead may write without a
+        savepoint of its own. Saving the savepoint saves a round trip and a subtransaction per
+        task (one-row writing tasks, 2 x 2 slots, batch 500: 7,940 and 6,290 -> 10,046 and
+        8,444 tasks/s). The price is paid only when such a task fails after writing: the
+        transaction rolls back whole, and the batch-mates that had written run again (their
+        writes were rolled back with it, as after a crash). So only a task whose handler
+        returned cleanly its last ``_CLEAN_RUNS_UNGUARDED`` times here, and not with
+        ``task_savepoints``."""
+        return (
+            not self.config.task_savepoints
+            and self._clean_runs.get(task.task_name, 0) >= _CLEAN_RUNS_UNGUARDED
         )
 
     def _lock_ahead(self, conn: psycopg.Connection[Any], txn: _Txn, task: Claimed) -> str:
@@ -1163,6 +1216,79 @@ class Worker:
                     run_again(other, other_duration)
             fenced += [other for other, other_outcome, _ in done if other_outcome == "fenced"]
             self._record_fenced(fresh, fenced)
+
+    def _recover_spoiled(
+        self,
+        conn: psycopg.Connection[Any],
+        done: list[tuple[Claimed, str, float]],
+        spoiler: Claimed,
+        duration: float,
+        txn: _Txn,
+    ) -> None:
+        """A task that wrote without a savepoint failed (``_unguarded``): roll the whole
+        transaction back, record the failures it held again and the spoiler's, complete the
+        tasks that wrote nothing, and put those that wrote back at the head of the batch, to
+        run again in the next transaction (their writes went back with the rest, as after a
+        crash, and their claims are still current: their rows were locked until now)."""
+        _command(conn, "ROLLBACK")
+        # From here on each statement commits by itself (the connection is in autocommit).
+        settled: list[tuple[Claimed, str, float]] = []
+        again: list[Claimed] = []
+        fenced: list[Claimed] = []
+        plain = []
+        for task, outcome, took in done:
+            if outcome == "deferred" and (
+                task.token in txn.locked_writers or task.token in txn.marked
+            ):
+                again.append(task)
+            elif outcome == "deferred":
+                plain.append((task, took))
+            elif outcome in ("retried", "dead") and task.failure is not None:
+                registered = self.app.tasks[task.task_name]
+                redo = self._fail(conn, task, registered, task.failure, self.log)
+                settled.append((task, redo, took))
+            else:  # fenced or cancelled: nothing of theirs was in the transaction
+                settled.append((task, outcome, took))
+        if plain:
+            completed = _store.task_complete_many(
+                conn,
+                task_ids=[t.task_id for t, _ in plain],
+                tokens=[t.token for t, _ in plain],
+                results_json=[txn.deferred[t.token] for t, _ in plain],
+            )
+            for task, took in plain:
+                if task.task_id in completed:
+                    settled.append((task, "succeeded", took))
+                else:
+                    settled.append(
+                        (task, "cancelled" if task.lease.cancelled.is_set() else "fenced", took)
+                    )
+        if spoiler.lease.abandoned.is_set() or spoiler.failure is None:
+            outcome = "abandoned"  # the heartbeat recorded its failure
+        else:
+            registered = self.app.tasks[spoiler.task_name]
+            outcome = self._fail(conn, spoiler, registered, spoiler.failure, self.log)
+        settled.append((spoiler, outcome, duration))
+        for task, outcome, took in settled:
+            if outcome == "fenced":
+                fenced.append(task)
+            if outcome != "abandoned":
+                self._finished(task, outcome, took)
+        if fenced:
+            with contextlib.suppress(PgidemError, psycopg.Error):
+                self._record_fenced(conn, fenced)
+        if again:
+            self.log.warning(
+                "tasks_run_again",
+                task_ids=[t.task_id for t in again],
+                failed_task_id=spoiler.task_id,
+                detail="a task that shared their transaction failed after writing without a "
+                "savepoint; the transaction rolled back, their writes with it",
+            )
+            with self._held_lock:  # the heartbeat extends their leases again
+                for task in again:
+                    self._held[task.token] = task
+            txn.pending[:0] = again
 
     def _record_fenced(self, conn: psycopg.Connection[Any], tasks: list[Claimed]) -> None:
         """Finish the attempt rows of fenced claims as ``fenced``: one statement for those

@@ -378,6 +378,66 @@ def test_one_bad_task_in_a_batch_does_not_affect_the_others(
     assert worker.alive()
 
 
+@pytest.mark.parametrize("task_savepoints", [False, True], ids=["unguarded", "savepoints"])
+def test_a_quick_task_failing_after_its_write_makes_the_writers_before_it_run_again(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any, tmp_path: Any, task_savepoints: bool
+) -> None:
+    """Once a quick handler has returned cleanly often enough, its writes go into the batch's
+    transaction without a savepoint of their own. When one of them then fails after writing,
+    the whole transaction rolls back: its failure is recorded, and the batch-mates that had
+    written before it in that transaction run again (same claim, same token), so each write
+    still commits exactly once. With ``--task-savepoints`` nothing runs again."""
+    runs = tmp_path / "runs.txt"
+    args = ["--concurrency", "1", "--poll-interval", "0.1", "--commit-interval", "5"]
+    if task_savepoints:
+        args.append("--task-savepoints")
+    worker = spawn_worker(dsn, *args)
+    # A clean record first (more than _CLEAN_RUNS_UNGUARDED returns).
+    app.enqueue_many("tally", [{"n": -1, "runs": str(runs)} for _ in range(60)])
+    wait_all(dsn, 60, timeout=30)
+
+    # Then one batch (one claim, one transaction): five writers, one that fails after its
+    # write, four more.
+    at = datetime.now(UTC) + timedelta(seconds=1.5)
+    batch = app.enqueue_many(
+        "tally",
+        [{"n": i, "runs": str(runs), "fail": i == 5} for i in range(10)],
+        run_at=at,
+    )
+    wait_all(dsn, 70, timeout=30, finished=("succeeded",))
+
+    tokens = [task_row(dsn, i)["fencing_token"] for i in batch]
+    assert tokens[:5] + tokens[6:] == [tokens[0] + i for i in range(10) if i != 5], "one claim"
+    calls: dict[int, list[int]] = {}
+    for line in runs.read_text().splitlines():
+        task_id, token = map(int, line.split())
+        calls.setdefault(task_id, []).append(token)
+    # Every write committed once, by the attempt that succeeded.
+    ledger_rows = rows(
+        dsn, "SELECT task_id, token, attempt FROM ledger WHERE task_id = ANY(%s)", (batch,)
+    )
+    assert sorted(r[0] for r in ledger_rows) == sorted(batch)
+    for task_id, token, _ in ledger_rows:
+        assert token == task_row(dsn, task_id)["fencing_token"]
+    failing = batch[5]
+    assert [a["status"] for a in attempts(dsn, failing)] == ["failed", "succeeded"]
+    first = attempts(dsn, failing)[0]
+    assert first["error_class"] == "RuntimeError"
+    assert len(calls[failing]) == 2
+    for task_id in batch[:5] + batch[6:]:
+        assert [a["status"] for a in attempts(dsn, task_id)] == ["succeeded"]
+    again = [e for e in worker.events() if e.get("event") == "tasks_run_again"]
+    if task_savepoints:
+        assert all(len(calls[i]) == 1 for i in batch[:5] + batch[6:]), calls
+        assert again == []
+    else:
+        # The five before it ran twice under the same claim; those after it once.
+        assert [calls[i] for i in batch[:5]] == [[t, t] for t in tokens[:5]]
+        assert all(len(calls[i]) == 1 for i in batch[6:]), calls
+        assert [(e["task_ids"], e["failed_task_id"]) for e in again] == [(batch[:5], failing)]
+    assert worker.alive()
+
+
 @pytest.mark.slow
 def test_tasks_that_never_touch_the_connection_complete_together_and_fenced(
     dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any

@@ -49,6 +49,19 @@ def write(ctx: pgidem.Context, n: int = 0, sleep: float = 0.0) -> dict[str, Any]
     return {"n": n, "token": ctx.fencing_token}
 
 
+@app.task(max_attempts=3, retry=RetryPolicy(base=0.1, cap=0.1, jitter=0.0))
+def tally(ctx: pgidem.Context, n: int = 0, runs: str = "", fail: bool = False) -> dict[str, Any]:
+    """Notes each call of the handler in the file ``runs`` (outside the database: a call whose
+    writes were rolled back shows there), writes one ledger row, then fails on its first
+    attempt if ``fail``."""
+    with open(runs, "a") as out:
+        out.write(f"{ctx.task_id} {ctx.fencing_token}\n")
+    _write(ctx, n)
+    if fail and ctx.attempt == 1:
+        raise RuntimeError(f"tally {n} fails after writing")
+    return {"n": n}
+
+
 @narrow_app.task(name="write")
 def narrow_write(ctx: pgidem.Context, n: int = 0, sleep: float = 0.0) -> dict[str, Any]:
     _write(ctx, n)
