@@ -859,7 +859,11 @@ class Worker:
                 refused = self._lock_ahead(conn, txn, task)
             if task.token in txn.locked and self._unguarded(task):
                 # Its writes go straight into the transaction: were it to fail now, the whole
-                # transaction rolls back (_recover_spoiled).
+                # transaction rolls back (_recover_spoiled). Not inside an earlier task's
+                # savepoint (a ROLLBACK TO it by this handler would undo that task's writes).
+                if txn.savepoint_open:
+                    _command(conn, f"RELEASE SAVEPOINT {_SAVEPOINT}")
+                    txn.savepoint_open = False
                 txn.unguarded.add(task.token)
                 return
             if not txn.begun:
