@@ -75,24 +75,33 @@ def traced_pool_connection(app: pgidem.App) -> psycopg.Connection[Any]:
     return conn
 
 
-def bench_bulk(dsn: str, n: int, batch_size: int, label: str, keys_prefix: str | None) -> None:
+def bench_bulk(
+    dsn: str, n: int, batch_size: int, label: str, keys_prefix: str | None, runs: int = 1
+) -> None:
+    """Time one ``enqueue_many`` of ``n`` tasks; with ``runs`` > 1 (calls without keys, which
+    can be repeated), the fastest of that many (a call lasts about 0.2 s: one hiccup of a
+    shared machine weighs on a single one)."""
     with pgidem.App(dsn, pool_size=1) as app:
         app.enqueue("warm_up", {})
         conn = traced_pool_connection(app)
         args = [{"order": i, "amount": 100 + i % 7} for i in range(n)]
         keys = None if keys_prefix is None else [f"{keys_prefix}-{i}" for i in range(n)]
-        with round_trips(conn) as trips:
-            start = time.perf_counter()
-            ids = app.enqueue_many("charge", args, idempotency_keys=keys, batch_size=batch_size)
-            seconds = time.perf_counter() - start
+        timings = []
+        for _ in range(runs):
+            with round_trips(conn) as trips:
+                start = time.perf_counter()
+                ids = app.enqueue_many("charge", args, idempotency_keys=keys, batch_size=batch_size)
+                timings.append(time.perf_counter() - start)
+            assert len(ids) == n
+        seconds = min(timings)
         batches = -(-n // batch_size)
-        assert len(ids) == n
         # The call is BEGIN, one statement per batch, COMMIT.
         per_batch = (trips() - 2) / batches
+        best = f" (the fastest of {runs} calls)" if runs > 1 else ""
         print(
             f"{label:<44} {n / seconds:>10,.0f} tasks/s  {seconds:6.2f} s  "
             f"{batches} batch(es) of up to {batch_size}, {trips()} round trips "
-            f"(BEGIN + {per_batch:g} per batch + COMMIT)"
+            f"(BEGIN + {per_batch:g} per batch + COMMIT){best}"
         )
 
 
@@ -135,7 +144,7 @@ def main() -> int:
         bench_bulk(
             dsn, opts.bulk, opts.batch_size, "bulk, the same keys again (all dedupe)", "order"
         )
-        bench_bulk(dsn, opts.bulk, opts.batch_size, "bulk, no keys", None)
+        bench_bulk(dsn, opts.bulk, opts.batch_size, "bulk, no keys", None, runs=2)
         bench_one(dsn, opts.one)
     return 0
 
