@@ -15,9 +15,10 @@ Threads, and what each one does:
   takes the place of each; when as many handlers are stuck at once as there are slots, the
   worker stops to be replaced: ``EXIT_STUCK``), and keeps the worker's row in
   ``pgidem.workers`` fresh.
-* one **listener**: LISTEN on a dedicated connection; a NOTIFY from ``pgidem.enqueue`` wakes the
-  idle slots. Slots also poll every ``poll_interval`` seconds, and sleep until the next scheduled
-  task when that is sooner.
+* one **listener**: LISTEN on a dedicated connection. On a NOTIFY from ``pgidem.enqueue`` it
+  claims a batch there for an idle slot and hands it over (``_on_notice``), or, with no slot
+  idle, wakes one. Slots also poll every ``poll_interval`` seconds, and sleep until the next
+  scheduled task when that is sooner.
 
 Crash safety needs nothing from this module: a dead worker's leases expire and the claim path of
 any other worker rescues its tasks with new tokens, which the dead worker's completion can never
@@ -545,11 +546,11 @@ class Worker:
             self._wake.notify_all()
 
     def _wake_one(self) -> None:
-        """Wake one idle slot: a NOTIFY says there is work, not how much. Waking every slot
-        sent them all to claim the one task an idle worker usually gets, and on 2 cores the
-        losers' claims slowed the winner's: enqueue-to-start p50 4.3-4.6 ms with 4 slots, 3.6-3.7
-        with 1. A slot whose claim came back full wakes the next one (``_claim``); a slot busy
-        when the NOTIFY came sees the new sequence number and claims again before it waits."""
+        """Wake one idle slot: a full claim says there may be more work, not how much. (Waking
+        every slot on a NOTIFY sent them all to claim the one task an idle worker usually gets,
+        and on 2 cores the losers' claims slowed the winner's: enqueue-to-start p50 4.3-4.6 ms
+        with 4 slots, 3.6-3.7 with 1; see also ``_on_notice``.) A slot busy meanwhile sees the
+        new sequence number and claims again before it waits."""
         with self._wake:
             self._wake_seq += 1
             self._wake.notify()

@@ -378,6 +378,42 @@ def test_one_bad_task_in_a_batch_does_not_affect_the_others(
     assert worker.alive()
 
 
+def test_an_idle_worker_s_listener_claims_notified_tasks_for_its_idle_slots(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
+) -> None:
+    """With a poll interval far longer than the test, only a NOTIFY can start a task. On each,
+    the listener claims on its own connection (the one that ran LISTEN) and hands the batch to
+    an idle slot: every task runs once, and the listener's backend last ran the claim."""
+    worker = spawn_worker(dsn, "--concurrency", "2", "--poll-interval", "600")
+
+    def listener_pid() -> int | None:
+        found = rows(
+            dsn,
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND query = 'LISTEN pgidem'",
+        )
+        return found[0][0] if found else None
+
+    wait_until(listener_pid, 30, 0.1, "the worker's listener")
+    pid = listener_pid()
+    time.sleep(0.5)  # its slots' first claims found nothing: they wait for a NOTIFY
+    ids = []
+    for i in range(5):
+        handle = app.enqueue("write", {"n": i})
+        assert handle.result(timeout=20) == {
+            "n": i,
+            "token": task_row(dsn, handle.id)["fencing_token"],
+        }
+        ids.append(handle.id)
+    assert sorted(r[0] for r in rows(dsn, "SELECT task_id FROM ledger")) == ids
+    for task_id in ids:
+        assert [a["status"] for a in attempts(dsn, task_id)] == ["succeeded"]
+    (last,) = rows(dsn, "SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,))
+    # (pg_stat_activity keeps the first 1 kB of the text: the claim's opening comment.)
+    assert last[0].startswith("-- Claim up to"), last[0][:200]
+    assert worker.alive()
+
+
 @pytest.mark.parametrize("task_savepoints", [False, True], ids=["unguarded", "savepoints"])
 def test_a_quick_task_failing_after_its_write_makes_the_writers_before_it_run_again(
     dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any, tmp_path: Any, task_savepoints: bool
