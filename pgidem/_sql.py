@@ -7,6 +7,7 @@ them by name (``query("task_claim")``) and never builds SQL from strings.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -36,7 +37,8 @@ def _sql_dir() -> Traversable:
 
 
 #: Lines of a query between ``-- <<tag`` and ``-- tag>>`` (each marker on a line of its own):
-#: the query is also given without them, as ``<name>_without_<tag>``.
+#: the query is also given without them, as ``<name>_without_<tag>``; with several tags, also
+#: without any combination of them (``<name>_without_<tag>_<tag>``, tags in sorted order).
 _SECTION_TAG = re.compile(r"^-- <<(\w+)$", re.MULTILINE)
 _MARKER = re.compile(r"^-- (?:<<\w+|\w+>>)\n", re.MULTILINE)
 
@@ -50,9 +52,14 @@ def queries() -> dict[str, str]:
     found: dict[str, str] = {}
     for name, body in zip(parts[1::2], parts[2::2], strict=True):
         variants = {name: _MARKER.sub("", body)}
-        for tag in sorted(set(_SECTION_TAG.findall(body))):
-            only = re.compile(rf"^-- <<{tag}\n.*?^-- {tag}>>\n", re.MULTILINE | re.DOTALL)
-            variants[f"{name}_without_{tag}"] = _MARKER.sub("", only.sub("", body))
+        tags = sorted(set(_SECTION_TAG.findall(body)))
+        for n in range(1, len(tags) + 1):
+            for dropped in itertools.combinations(tags, n):
+                text = body
+                for tag in dropped:
+                    only = re.compile(rf"^-- <<{tag}\n.*?^-- {tag}>>\n", re.MULTILINE | re.DOTALL)
+                    text = only.sub("", text)
+                variants[f"{name}_without_{'_'.join(dropped)}"] = _MARKER.sub("", text)
         for key, sql in variants.items():
             if key in found:
                 raise RuntimeError(f"query {key!r} is defined twice in queries.sql")

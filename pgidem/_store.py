@@ -201,15 +201,18 @@ def task_claim(
     limit: int,
     lease_s: float,
     locked: Sequence[str] = (),
+    rescue: bool = True,
 ) -> list[dict[str, Any]]:
     """Claim up to ``limit`` tasks (see ``task_claim`` in queries.sql). ``locked``: the
     limited queues whose limit rows this transaction locked (``queue_limits_lock``); a queue
-    with limits that is not among them is not claimed from."""
+    with limits that is not among them is not claimed from. ``rescue``: also take over tasks
+    whose lease expired (False: only queued ones)."""
+    # Without locked queues the limits' part of the statement does nothing: the statement
+    # without it plans in a third of the time (sql/queries.sql, task_claim); so for the rescue.
+    omitted = [part for part, left in (("limits", not locked), ("rescue", not rescue)) if left]
     return _all(
         conn,
-        # Without locked queues the limits' half of the statement does nothing: the statement
-        # without it plans in a third of the time (sql/queries.sql, task_claim).
-        "task_claim" if locked else "task_claim_without_limits",
+        f"task_claim_without_{'_'.join(omitted)}" if omitted else "task_claim",
         {
             "worker_id": worker_id,
             "queues": list(queues),

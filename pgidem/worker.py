@@ -572,7 +572,8 @@ class Worker:
         self, conn: psycopg.Connection[Any], queues: list[str], *, for_slot: bool = True
     ) -> list[Claimed]:
         """Claim a batch for the calling slot (``for_slot``), or for the slot that will take
-        it from the hand-off (the listener's claims)."""
+        it from the hand-off: the listener's claims, for new work, which leave the rescue of
+        expired leases to the slots' own claims."""
         # Taken before the claim is sent, so the lease surely ends after it on the server.
         lease_until = time.monotonic() + self.config.lease
         limit = self._claim_limit()
@@ -584,6 +585,7 @@ class Worker:
             task_names=list(self.app.tasks),
             limit=limit,
             lease_s=self.config.lease,
+            rescue=for_slot,
         )
         limited = [q for q in queues if q in self._limited]
         if not limited:

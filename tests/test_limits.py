@@ -442,3 +442,60 @@ def test_claim_without_limits_claims_what_the_whole_statement_claims(
     assert (rescued[0]["id"], "a", 2) in got
     assert [q for _, q, _ in got].count("b") == 5
     assert "capped" not in {q for _, q, _ in got}
+
+
+def test_claim_without_rescue_leaves_expired_leases_and_claims_the_rest_alike(
+    conn: psycopg.Connection[Any], app: pgidem.App
+) -> None:
+    """A worker's listener claims for an idle slot without the rescue (new work came;
+    task_claim_without_rescue, or _without_limits_rescue with nothing locked): the expired
+    lease that the whole statement rescues stays as it is, and the queued tasks claimed are
+    those the whole statement claims besides it, limits honoured alike."""
+    from pgidem import _sql, _store
+
+    for name in ("task_claim_without_rescue", "task_claim_without_limits_rescue"):
+        body = "\n".join(
+            line for line in _sql.query(name).splitlines() if not line.lstrip().startswith("--")
+        )
+        assert "rescued" not in body and "expired_attempts" not in body
+    assert "limited AS (" in _sql.query("task_claim_without_rescue")
+    app.enqueue_many("noop", [{"n": i} for i in range(5)], queue="a")
+    app.enqueue_many("noop", [{"n": i} for i in range(5)], queue="b", priority=3)
+    app.enqueue_many("noop", [{"n": i} for i in range(3)], queue="capped")
+    app.set_queue_limit("capped", max_running=2)
+    conn.execute(
+        "INSERT INTO pgidem.workers (id, hostname, pid, queues, concurrency)"
+        " VALUES ('w', 'h', 1, '{a,b,capped}', 1)"
+    )
+    (expired,) = _store.task_claim(
+        conn, worker_id="w", queues=["a"], task_names=["noop"], limit=1, lease_s=0.01
+    )
+    conn.execute("SELECT pg_sleep(0.05)")
+
+    def claim(*, locked: bool, rescue: bool) -> list[tuple[int, str, int]]:
+        with conn.transaction(force_rollback=True):
+            if locked:
+                _store.queue_limits_lock(conn, ["capped"])
+            got = _store.task_claim(
+                conn,
+                worker_id="w",
+                queues=["a", "b", "capped"],
+                task_names=["noop"],
+                limit=20,
+                lease_s=60,
+                locked=["capped"] if locked else [],
+                rescue=rescue,
+            )
+            return [(r["id"], r["queue"], r["attempts"]) for r in got]
+
+    for locked in (False, True):
+        whole = claim(locked=locked, rescue=True)
+        fresh = claim(locked=locked, rescue=False)
+        assert (expired["id"], "a", 2) in whole
+        assert expired["id"] not in {i for i, _, _ in fresh}
+        assert fresh == [c for c in whole if c[0] != expired["id"]]
+        assert [q for _, q, _ in fresh].count("capped") == (2 if locked else 0)
+    row = conn.execute(
+        "SELECT state, fencing_token FROM pgidem.tasks WHERE id = %s", (expired["id"],)
+    ).fetchone()
+    assert row == ("running", expired["fencing_token"])
