@@ -86,6 +86,55 @@ def test_sigkilled_worker_tasks_are_rescued_after_the_lease(
     assert rescuer.alive()
 
 
+@pytest.mark.slow
+def test_quick_writers_without_savepoints_write_once_through_failures_kills_and_cut_connections(
+    dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any, tmp_path: Any
+) -> None:
+    """Quick writing tasks with a clean record write without savepoints (a failure after a
+    write rolls their shared transaction back and its earlier writers run again). Three
+    workers drain 900 of them, one in 100 failing once after its write, while one worker is
+    SIGKILLed and every connection of another is terminated: every task succeeds with exactly
+    one ledger row, written by its winning claim, and transactions did roll back and run
+    writers again along the way."""
+    runs = str(tmp_path / "runs.txt")
+    args = ["--concurrency", "2", "--lease", "2", "--poll-interval", "0.2", "--batch-size", "32"]
+    workers = [spawn_worker(dsn, *args) for _ in range(3)]
+    wait_until(lambda: scalar(dsn, "SELECT count(*) FROM pgidem.workers") == 3, 60, 0.1)
+    # A clean record first, in every worker (more than _CLEAN_RUNS_UNGUARDED each).
+    app.enqueue_many("tally", [{"n": -1, "runs": runs} for _ in range(600)])
+    wait_all(dsn, 600, timeout=60)
+    ids = app.enqueue_many(
+        "tally", [{"n": i, "runs": runs, "fail": i % 100 == 50} for i in range(900)]
+    )
+
+    def written() -> int:
+        n: int = scalar(dsn, "SELECT count(*) FROM ledger WHERE n >= 0")
+        return n
+
+    wait_until(lambda: written() >= 150, 60, 0.01, "150 writes")
+    workers[0].kill()
+    wait_until(lambda: written() >= 400, 60, 0.01, "400 writes")
+    execute(
+        dsn,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND application_name LIKE %s",
+        (f"pgidem:%:{workers[1].pid}:%",),
+    )
+    workers.append(spawn_worker(dsn, *args))
+    wait_all(dsn, 1500, timeout=120, finished=("succeeded",))
+
+    assert_once_per_task(dsn)
+    for i in range(50, 900, 100):
+        # Each failing task failed once (or its first claim died with the killed worker: the
+        # next one is its second attempt, which does not fail), then succeeded.
+        tries = [a["status"] for a in attempts(dsn, ids[i])]
+        assert tries[-1] == "succeeded", (i, tries)
+        assert tries[0] in ("failed", "lease_expired") and len(tries) == 2, (i, tries)
+    again = [e for w in workers for e in w.events() if e.get("event") == "tasks_run_again"]
+    assert again, "no transaction was rolled back by a failure without savepoints"
+    assert all(w.alive() for w in workers[1:])
+
+
 def test_paused_worker_is_fenced_after_another_finished_its_task(
     dsn: str, ledger: None, app: pgidem.App, spawn_worker: Any
 ) -> None:
