@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,6 +251,16 @@ class DrainResult:
             "client_cpu_ms_per_task": round(self.client_cpu_s * 1000 / self.tasks, 3),
             "server_cpu_ms_per_task": round(self.server_cpu_s * 1000 / self.tasks, 3),
         }
+
+
+def best_drain(runs: int, one: Callable[[], DrainResult]) -> dict[str, Any]:
+    """The fastest of ``runs`` drains (``one`` resets, enqueues and drains once), as a dict,
+    with every run's jobs/s under ``runs_jobs_per_s``. A slow drain on a shared machine only
+    ever reads low (another tenant, a checkpoint, autovacuum): the best run is the steadier
+    estimate, and every system gets the same number of runs."""
+    results = [one() for _ in range(max(1, runs))]
+    best = max(results, key=lambda r: r.jobs_per_s)
+    return {**best.as_dict(), "runs_jobs_per_s": [round(r.jobs_per_s, 1) for r in results]}
 
 
 def drain(

@@ -33,6 +33,7 @@ from benchlib import (
     BenchError,
     DrainResult,
     admin_connect,
+    best_drain,
     dbname_of,
     scratch_db,
     wait_idle,
@@ -66,6 +67,8 @@ class Sizes:
     proc_grid: tuple[tuple[int, int], ...]  # (processes, concurrency)
     proc_one: int
     proc_latency: int
+    #: Drains per setting, each system alike; the fastest counts (benchlib.best_drain).
+    drain_runs: int = 1
 
 
 FULL = Sizes(
@@ -84,6 +87,7 @@ FULL = Sizes(
     proc_grid=((2, 10), (2, 30)),
     proc_one=1_000,
     proc_latency=100,
+    drain_runs=2,
 )
 QUICK = Sizes(
     pgbench_s=3,
@@ -296,17 +300,22 @@ def bench_pgidem(admin_dsn: str, sizes: Sizes, quick: bool) -> dict[str, Any]:
         drains: list[dict[str, Any]] = []
         for task in ("noop", "write_row"):
             for procs, conc, batch in sizes.grid:
-                pgd.reset(dsn)
-                log(f"pgidem: drain {sizes.drain} {task}, {procs} x {conc}, batch {batch}")
-                r = pgd.run_drain(
-                    admin_dsn,
-                    dsn,
-                    tasks=sizes.drain,
-                    task=task,
-                    procs=procs,
-                    concurrency=conc,
-                    batch_size=batch,
-                )
+
+                def one(
+                    task: str = task, procs: int = procs, conc: int = conc, batch: int = batch
+                ) -> DrainResult:
+                    pgd.reset(dsn)
+                    log(f"pgidem: drain {sizes.drain} {task}, {procs} x {conc}, batch {batch}")
+                    return pgd.run_drain(
+                        admin_dsn,
+                        dsn,
+                        tasks=sizes.drain,
+                        task=task,
+                        procs=procs,
+                        concurrency=conc,
+                        batch_size=batch,
+                    )
+
                 drains.append(
                     {
                         "task": task,
@@ -314,7 +323,7 @@ def bench_pgidem(admin_dsn: str, sizes: Sizes, quick: bool) -> dict[str, Any]:
                         "concurrency": conc,
                         "batch_size": batch,
                         "setting": f"{procs} procs x {conc} threads, batch {batch}",
-                        **r.as_dict(),
+                        **best_drain(sizes.drain_runs, one),
                     }
                 )
         out["drains"] = drains
@@ -337,41 +346,38 @@ def bench_pgidem(admin_dsn: str, sizes: Sizes, quick: bool) -> dict[str, Any]:
         best = max((d for d in drains if d["task"] == "noop"), key=lambda d: d["jobs_per_s"])
         procs, conc, batch = best["processes"], best["concurrency"], best["batch_size"]
 
-        # Each side is the best of three drains (a drain of 20,000 no-op tasks lasts about a
-        # second; one hiccup of a shared machine moved the ratio by 0.1, and the better of two
-        # drains still went from 0.88 to 0.99 between runs of the same code): the empty table
-        # emptied again before each, the previous drain's tasks deleted from the history's.
-        def best_of_three(prepare: Callable[[int], None], label: str) -> DrainResult:
-            drained = []
+        # The two sides take turns, each in a database of its own (a drain of 20,000 no-op
+        # tasks lasts about a second, and this machine's speed drifts by 10-15 % over the 20
+        # s that one side's drains took when they ran one after the other: the same code's
+        # ratio read 0.80 to 1.05 between runs). Three drains each, alternating; the best of
+        # each side counts. The empty table is emptied before each of its drains, the
+        # history's previous drain deleted before each of its own.
+        with scratch_db(admin_dsn, "history") as hdsn:
+            pgd.setup(hdsn)
+            pgd.reset(hdsn)
+            log(f"pgidem: history: inserting {sizes.history} finished tasks")
+            insert_s = pgd.add_history(hdsn, sizes.history)
+            sides: dict[str, list[DrainResult]] = {"empty": [], "history": []}
             for i in range(3):
-                prepare(i)
-                log(f"pgidem: history: {label}, {procs} x {conc}, batch {batch}")
-                drained.append(
-                    pgd.run_drain(
-                        admin_dsn,
-                        dsn,
-                        tasks=sizes.drain,
-                        task="noop",
-                        procs=procs,
-                        concurrency=conc,
-                        batch_size=batch,
+                for side, side_dsn in (("empty", dsn), ("history", hdsn)):
+                    if side == "empty":
+                        pgd.reset(dsn)
+                        pgd.checkpoint(dsn)
+                    elif i:
+                        pgd.clear_drained(hdsn)
+                    log(f"pgidem: history: {side} ({i + 1}/3), {procs} x {conc}, batch {batch}")
+                    sides[side].append(
+                        pgd.run_drain(
+                            admin_dsn,
+                            side_dsn,
+                            tasks=sizes.drain,
+                            task="noop",
+                            procs=procs,
+                            concurrency=conc,
+                            batch_size=batch,
+                        )
                     )
-                )
-            return max(drained, key=lambda d: d.jobs_per_s)
-
-        def emptied(_: int) -> None:
-            pgd.reset(dsn)
-            pgd.checkpoint(dsn)
-
-        def history_only(i: int) -> None:
-            if i:
-                pgd.clear_drained(dsn)
-
-        empty = best_of_three(emptied, "empty table")
-        pgd.reset(dsn)
-        log(f"pgidem: history: inserting {sizes.history} finished tasks")
-        insert_s = pgd.add_history(dsn, sizes.history)
-        full = best_of_three(history_only, "drain on top of it")
+        empty, full = (max(sides[k], key=lambda d: d.jobs_per_s) for k in ("empty", "history"))
         out["history"] = {
             "history_rows": sizes.history,
             "insert_seconds": round(insert_s, 1),
@@ -379,6 +385,7 @@ def bench_pgidem(admin_dsn: str, sizes: Sizes, quick: bool) -> dict[str, Any]:
             "empty": empty.as_dict(),
             "with_history": full.as_dict(),
             "ratio": round(full.jobs_per_s / empty.jobs_per_s, 3),
+            "runs_jobs_per_s": {k: [round(d.jobs_per_s, 1) for d in v] for k, v in sides.items()},
         }
 
         if sizes.rss:
