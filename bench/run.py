@@ -67,7 +67,7 @@ class Sizes:
     proc_grid: tuple[tuple[int, int], ...]  # (processes, concurrency)
     proc_one: int
     proc_latency: int
-    #: Drains per setting, each system alike; the fastest counts (benchlib.best_drain).
+    #: Rounds of every system's drain grid, taken in turn; per setting the fastest run counts.
     drain_runs: int = 1
 
 
@@ -272,6 +272,42 @@ def working_tree() -> dict[str, str]:
     return {"ref": "working tree", "commit": commit, "dirty": "yes" if dirty else "no"}
 
 
+def pgidem_drain_grid(admin_dsn: str, dsn: str, sizes: Sizes) -> list[dict[str, Any]]:
+    """pgidem's drain grid, each setting once, in the scratch database ``dsn``."""
+    import pgidem_drain as pgd
+
+    drains: list[dict[str, Any]] = []
+    for task in ("noop", "write_row"):
+        for procs, conc, batch in sizes.grid:
+
+            def one(
+                task: str = task, procs: int = procs, conc: int = conc, batch: int = batch
+            ) -> DrainResult:
+                pgd.reset(dsn)
+                log(f"pgidem: drain {sizes.drain} {task}, {procs} x {conc}, batch {batch}")
+                return pgd.run_drain(
+                    admin_dsn,
+                    dsn,
+                    tasks=sizes.drain,
+                    task=task,
+                    procs=procs,
+                    concurrency=conc,
+                    batch_size=batch,
+                )
+
+            drains.append(
+                {
+                    "task": task,
+                    "processes": procs,
+                    "concurrency": conc,
+                    "batch_size": batch,
+                    "setting": f"{procs} procs x {conc} threads, batch {batch}",
+                    **best_drain(1, one),
+                }
+            )
+    return drains
+
+
 def bench_pgidem(admin_dsn: str, sizes: Sizes, quick: bool) -> dict[str, Any]:
     import pgidem_drain as pgd
 
@@ -297,35 +333,7 @@ def bench_pgidem(admin_dsn: str, sizes: Sizes, quick: bool) -> dict[str, Any]:
             out["one_enqueue"] = pgd.enqueue_one(dsn, sizes.one)
             out["one_enqueue"]["source"] = "bench/pgidem_drain.py"
 
-        drains: list[dict[str, Any]] = []
-        for task in ("noop", "write_row"):
-            for procs, conc, batch in sizes.grid:
-
-                def one(
-                    task: str = task, procs: int = procs, conc: int = conc, batch: int = batch
-                ) -> DrainResult:
-                    pgd.reset(dsn)
-                    log(f"pgidem: drain {sizes.drain} {task}, {procs} x {conc}, batch {batch}")
-                    return pgd.run_drain(
-                        admin_dsn,
-                        dsn,
-                        tasks=sizes.drain,
-                        task=task,
-                        procs=procs,
-                        concurrency=conc,
-                        batch_size=batch,
-                    )
-
-                drains.append(
-                    {
-                        "task": task,
-                        "processes": procs,
-                        "concurrency": conc,
-                        "batch_size": batch,
-                        "setting": f"{procs} procs x {conc} threads, batch {batch}",
-                        **best_drain(sizes.drain_runs, one),
-                    }
-                )
+        drains = pgidem_drain_grid(admin_dsn, dsn, sizes)
         out["drains"] = drains
 
         pgd.reset(dsn)
@@ -529,7 +537,7 @@ def run_extras(admin_dsn: str, sizes: Sizes) -> dict[str, str]:
 # -- competitors ---------------------------------------------------------------------------------
 
 
-def bench_competitors(admin_dsn: str, sizes: Sizes) -> dict[str, Any]:
+def bench_competitors(admin_dsn: str, sizes: Sizes, drains_only: bool = False) -> dict[str, Any]:
     from compare import pgqueuer_bench, procrastinate_bench
 
     out: dict[str, Any] = {}
@@ -539,8 +547,37 @@ def bench_competitors(admin_dsn: str, sizes: Sizes) -> dict[str, Any]:
     ):
         log(f"{label}: virtual environment")
         python = module.ensure_venv(log)
-        out[name] = module.bench(admin_dsn, python, sizes, log)
+        out[name] = module.bench(admin_dsn, python, sizes, log, drains_only=drains_only)
     return out
+
+
+def merge_drains(into: list[dict[str, Any]], again: list[dict[str, Any]]) -> None:
+    """Fold a later round's drains into the first round's: per setting and task, the faster
+    run's figures, and every run's jobs/s in ``runs_jobs_per_s``."""
+    later = {(d["setting"], d["task"]): d for d in again}
+    for i, first in enumerate(into):
+        other = later.get((first["setting"], first["task"]))
+        if other is None:
+            continue
+        runs = first["runs_jobs_per_s"] + other["runs_jobs_per_s"]
+        faster = other if other["jobs_per_s"] > first["jobs_per_s"] else first
+        into[i] = {**faster, "runs_jobs_per_s": runs}
+
+
+def drain_rounds(admin_dsn: str, sizes: Sizes, result: dict[str, Any], compare: bool) -> None:
+    """The drain grids again, ``sizes.drain_runs - 1`` more rounds, every system in turn (so
+    that a system's runs are not all in one stretch of the machine's drift); per setting the
+    faster run counts."""
+    import pgidem_drain as pgd
+
+    for n in range(2, sizes.drain_runs + 1):
+        log(f"drain round {n} of {sizes.drain_runs}")
+        with scratch_db(admin_dsn, "pgidem") as dsn:
+            pgd.setup(dsn)
+            merge_drains(result["pgidem"]["drains"], pgidem_drain_grid(admin_dsn, dsn, sizes))
+        if compare:
+            for name, data in bench_competitors(admin_dsn, sizes, drains_only=True).items():
+                merge_drains(result["compare"][name]["drains"], data["drains"])
 
 
 # -- the table -----------------------------------------------------------------------------------
@@ -826,6 +863,7 @@ def main(argv: list[str] | None = None) -> int:
     result["pgidem"] = bench_pgidem(args.dsn, sizes, args.quick)
     if args.compare:
         result["compare"] = bench_competitors(args.dsn, sizes)
+    drain_rounds(args.dsn, sizes, result, args.compare)
     if args.extras:
         result["extras"] = run_extras(args.dsn, sizes)
     if not args.no_pgbench and sizes is FULL:

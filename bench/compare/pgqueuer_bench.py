@@ -185,7 +185,9 @@ def ensure_venv(log: Any) -> str:
     return str(python)
 
 
-def bench(admin_dsn: str, python: str, sizes: Any, log: Any) -> dict[str, Any]:
+def bench(
+    admin_dsn: str, python: str, sizes: Any, log: Any, drains_only: bool = False
+) -> dict[str, Any]:
     """PgQueuer's figures: bulk and one-at-a-time enqueue, the drain grid, latency."""
     import benchlib as bl
 
@@ -208,30 +210,31 @@ def bench(admin_dsn: str, python: str, sizes: Any, log: Any) -> dict[str, Any]:
         bl.setup_bench_tables(dsn)
         reset(dsn)
 
-        log(f"PgQueuer: bulk enqueue of {sizes.bulk}")
-        best: dict[str, Any] | None = None
-        for batch in (1000, 5000):
-            reset(dsn)
-            r = driver("bulk", url, sizes.bulk, batch)
-            rate = r["tasks"] / r["seconds"]
-            if best is None or rate > best["jobs_per_s"]:
-                best = {
-                    "tasks": r["tasks"],
-                    "seconds": round(r["seconds"], 3),
-                    "jobs_per_s": round(rate, 1),
-                    "method": f"Queries.enqueue with lists, {batch} jobs per call (best of "
-                    "1000 and 5000)",
-                }
-        out["bulk_enqueue"] = best
+        if not drains_only:
+            log(f"PgQueuer: bulk enqueue of {sizes.bulk}")
+            best: dict[str, Any] | None = None
+            for batch in (1000, 5000):
+                reset(dsn)
+                r = driver("bulk", url, sizes.bulk, batch)
+                rate = r["tasks"] / r["seconds"]
+                if best is None or rate > best["jobs_per_s"]:
+                    best = {
+                        "tasks": r["tasks"],
+                        "seconds": round(r["seconds"], 3),
+                        "jobs_per_s": round(rate, 1),
+                        "method": f"Queries.enqueue with lists, {batch} jobs per call (best of "
+                        "1000 and 5000)",
+                    }
+            out["bulk_enqueue"] = best
 
-        reset(dsn)
-        log(f"PgQueuer: one-at-a-time enqueue of {sizes.pgq_one}")
-        r = driver("one", url, sizes.pgq_one)
-        out["one_enqueue"] = {
-            "tasks": r["tasks"],
-            "seconds": round(r["seconds"], 3),
-            "jobs_per_s": round(r["tasks"] / r["seconds"], 1),
-        }
+            reset(dsn)
+            log(f"PgQueuer: one-at-a-time enqueue of {sizes.pgq_one}")
+            r = driver("one", url, sizes.pgq_one)
+            out["one_enqueue"] = {
+                "tasks": r["tasks"],
+                "seconds": round(r["seconds"], 3),
+                "jobs_per_s": round(r["tasks"] / r["seconds"], 1),
+            }
 
         drains: list[dict[str, Any]] = []
         for task in ("noop", "write_row"):
@@ -271,10 +274,12 @@ def bench(admin_dsn: str, python: str, sizes: Any, log: Any) -> dict[str, Any]:
                         "processes": procs,
                         "batch_size": batch,
                         "setting": f"{procs} procs, batch {batch}",
-                        **bl.best_drain(sizes.drain_runs, one),
+                        **bl.best_drain(1, one),
                     }
                 )
         out["drains"] = drains
+        if drains_only:
+            return out
 
         reset(dsn)
         log(f"PgQueuer: latency, {sizes.proc_latency * 3} samples")

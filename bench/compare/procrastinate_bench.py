@@ -161,7 +161,9 @@ def ensure_venv(log: Any) -> str:
     return str(python)
 
 
-def bench(admin_dsn: str, python: str, sizes: Any, log: Any) -> dict[str, Any]:
+def bench(
+    admin_dsn: str, python: str, sizes: Any, log: Any, drains_only: bool = False
+) -> dict[str, Any]:
     """Procrastinate's figures: bulk and one-at-a-time enqueue, a drain grid, latency."""
     import benchlib as bl
 
@@ -183,23 +185,24 @@ def bench(admin_dsn: str, python: str, sizes: Any, log: Any) -> dict[str, Any]:
         bl.setup_bench_tables(dsn)
         reset(dsn)
 
-        log(f"Procrastinate: bulk enqueue of {sizes.bulk}")
-        r = driver("bulk", dsn, sizes.bulk, 5000)
-        out["bulk_enqueue"] = {
-            "tasks": r["tasks"],
-            "seconds": round(r["seconds"], 3),
-            "jobs_per_s": round(r["tasks"] / r["seconds"], 1),
-            "method": "Task.batch_defer_async, 5000 jobs per call",
-        }
+        if not drains_only:
+            log(f"Procrastinate: bulk enqueue of {sizes.bulk}")
+            r = driver("bulk", dsn, sizes.bulk, 5000)
+            out["bulk_enqueue"] = {
+                "tasks": r["tasks"],
+                "seconds": round(r["seconds"], 3),
+                "jobs_per_s": round(r["tasks"] / r["seconds"], 1),
+                "method": "Task.batch_defer_async, 5000 jobs per call",
+            }
 
-        reset(dsn)
-        log(f"Procrastinate: one-at-a-time enqueue of {sizes.proc_one}")
-        r = driver("one", dsn, sizes.proc_one)
-        out["one_enqueue"] = {
-            "tasks": r["tasks"],
-            "seconds": round(r["seconds"], 3),
-            "jobs_per_s": round(r["tasks"] / r["seconds"], 1),
-        }
+            reset(dsn)
+            log(f"Procrastinate: one-at-a-time enqueue of {sizes.proc_one}")
+            r = driver("one", dsn, sizes.proc_one)
+            out["one_enqueue"] = {
+                "tasks": r["tasks"],
+                "seconds": round(r["seconds"], 3),
+                "jobs_per_s": round(r["tasks"] / r["seconds"], 1),
+            }
 
         drains: list[dict[str, Any]] = []
         n = sizes.proc_drain
@@ -240,10 +243,12 @@ def bench(admin_dsn: str, python: str, sizes: Any, log: Any) -> dict[str, Any]:
                         "processes": procs,
                         "concurrency": conc,
                         "setting": f"{procs} procs x {conc} async",
-                        **bl.best_drain(sizes.drain_runs, one),
+                        **bl.best_drain(1, one),
                     }
                 )
         out["drains"] = drains
+        if drains_only:
+            return out
 
         reset(dsn)
         log(f"Procrastinate: latency, {sizes.proc_latency} samples")
