@@ -1695,7 +1695,8 @@ class Worker:
             self._wake.notify()
 
     def _listen(self) -> None:
-        """LISTEN on a dedicated connection; wake slots on a NOTIFY for one of our queues."""
+        """LISTEN on a dedicated connection; on a NOTIFY for one of our queues, claim for an idle
+        slot or wake one (_on_notice)."""
         failures = 0
         while not self._stopping.is_set():
             try:
