@@ -396,7 +396,18 @@ def test_an_idle_worker_s_listener_claims_notified_tasks_for_its_idle_slots(
 
     wait_until(listener_pid, 30, 0.1, "the worker's listener")
     pid = listener_pid()
-    time.sleep(0.5)  # its slots' first claims found nothing: they wait for a NOTIFY
+
+    def waiting_slots() -> int:
+        # A slot that found nothing looks up the next run_at (next_run_at, whose text starts
+        # with this comment) and waits: the last query its connection shows.
+        n: int = scalar(
+            dsn,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND query LIKE '-- When the earliest scheduled task%%'",
+        )
+        return n
+
+    wait_until(lambda: waiting_slots() == 2, 30, 0.05, "both slots waiting for work")
     ids = []
     for i in range(5):
         handle = app.enqueue("write", {"n": i})
