@@ -843,6 +843,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
     code = use_ref(args.ref) if args.ref else working_tree()
+    # pgidem's own log lines (database_selected...) go to stderr, at WARNING, so that stdout
+    # holds the tables only. Imported here: --ref has just put its snapshot first on the path.
+    from pgidem import _log
+
+    _log.configure("WARNING")
 
     started = datetime.now(UTC)
     t0 = time.monotonic()

@@ -99,6 +99,25 @@ CREATE FUNCTION pgidem._max_args_bytes() RETURNS integer
     SELECT coalesce(nullif(current_setting('pgidem.max_args_bytes', true), '')::integer, 1048576)
 $$;
 
+CREATE FUNCTION pgidem._tasks_deleted() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    DELETE FROM pgidem.attempts a USING deleted_tasks d WHERE a.task_id = d.id;
+    DELETE FROM pgidem.outcomes o USING deleted_tasks d WHERE o.task_id = d.id;
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION pgidem._tasks_truncated() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    TRUNCATE pgidem.attempts, pgidem.outcomes;
+    RETURN NULL;
+END
+$$;
+
 CREATE FUNCTION pgidem.cancel(task_id bigint) RETURNS text
     LANGUAGE plpgsql
     AS $$
@@ -849,11 +868,9 @@ CREATE INDEX tasks_scheduled ON pgidem.tasks USING btree (run_at, queue) WHERE (
 
 CREATE STATISTICS pgidem.tasks_state_queue_task_name (mcv) ON task_name, queue, state FROM pgidem.tasks;
 
-ALTER TABLE ONLY pgidem.attempts
-    ADD CONSTRAINT attempts_task_id_fkey FOREIGN KEY (task_id) REFERENCES pgidem.tasks(id) ON DELETE CASCADE;
+CREATE TRIGGER tasks_deleted AFTER DELETE ON pgidem.tasks REFERENCING OLD TABLE AS deleted_tasks FOR EACH STATEMENT EXECUTE FUNCTION pgidem._tasks_deleted();
 
-ALTER TABLE ONLY pgidem.outcomes
-    ADD CONSTRAINT outcomes_task_id_fkey FOREIGN KEY (task_id) REFERENCES pgidem.tasks(id) ON DELETE CASCADE;
+CREATE TRIGGER tasks_truncated AFTER TRUNCATE ON pgidem.tasks FOR EACH STATEMENT EXECUTE FUNCTION pgidem._tasks_truncated();
 
 ALTER TABLE ONLY pgidem.step_calls
     ADD CONSTRAINT step_calls_task_id_fkey FOREIGN KEY (task_id) REFERENCES pgidem.tasks(id) ON DELETE CASCADE;
@@ -868,4 +885,5 @@ INSERT INTO pgidem.migrations (version, name) VALUES
     (3, 'control'),
     (4, 'scheduling'),
     (5, 'enqueue_speed'),
-    (6, 'claim_statistics');
+    (6, 'claim_statistics'),
+    (7, 'history_cascade');

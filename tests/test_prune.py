@@ -97,6 +97,53 @@ def test_prune_deletes_old_finished_tasks_with_their_history_and_keeps_the_rest(
     assert names == {"new", "waiting"}
 
 
+def test_any_delete_of_tasks_takes_their_attempts_and_outcomes_and_only_theirs(
+    conn: psycopg.Connection[Any],
+) -> None:
+    """Attempts and outcomes have no foreign key (migration 0007): a statement-level trigger
+    deletes them with their tasks, whoever deletes the tasks and however many at once, and
+    leaves the other tasks' rows alone."""
+    finished(conn, "gone", 4, "1 minute")
+    finished(conn, "kept", 3, "1 minute")
+    conn.execute("DELETE FROM pgidem.step_calls; DELETE FROM pgidem.steps")
+    kept = {r[0] for r in conn.execute("SELECT id FROM pgidem.tasks WHERE task_name = 'kept'")}
+
+    one = conn.execute("SELECT min(id) FROM pgidem.tasks WHERE task_name = 'gone'").fetchone()
+    assert one is not None
+    conn.execute("DELETE FROM pgidem.tasks WHERE id = %s", (one[0],))
+    assert counts(conn)["attempts"] == 6 and counts(conn)["outcomes"] == 6
+    conn.execute("DELETE FROM pgidem.tasks WHERE task_name = 'gone'")
+
+    left = {
+        table: {r[0] for r in conn.execute(f"SELECT task_id FROM pgidem.{table}")}
+        for table in ("attempts", "outcomes")
+    }
+    assert left == {"attempts": kept, "outcomes": kept}
+    with conn.transaction(force_rollback=True):
+        conn.execute("DELETE FROM pgidem.tasks")
+        assert counts(conn)["attempts"] == 0 and counts(conn)["outcomes"] == 0
+    assert counts(conn)["attempts"] == 3  # rolled back with the delete
+
+
+def test_truncating_the_tasks_empties_their_attempts_and_outcomes(
+    conn: psycopg.Connection[Any],
+) -> None:
+    """TRUNCATE pgidem.tasks CASCADE (steps and step calls still have foreign keys) empties
+    attempts and outcomes too, as it did when they had theirs."""
+    finished(conn, "a", 5, "1 minute")
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match="foreign key"):
+        conn.execute("TRUNCATE pgidem.tasks")
+    conn.execute("TRUNCATE pgidem.tasks CASCADE")
+    assert counts(conn) == {
+        "tasks": 0,
+        "attempts": 0,
+        "outcomes": 0,
+        "steps": 0,
+        "step_calls": 0,
+        "once_keys": 0,
+    }
+
+
 def test_prune_uses_the_key_retention_setting_by_default(conn: psycopg.Connection[Any]) -> None:
     """Without older_than, pgidem.key_retention decides (7 days when unset)."""
     finished(conn, "a", 2, "3 days")
