@@ -52,7 +52,7 @@ from psycopg_pool import ConnectionPool
 from pgidem import _log, _migrate, _store
 from pgidem import errors as _errors
 from pgidem.app import App, Task, dump_json
-from pgidem.context import Context, LeaseState
+from pgidem.context import Context, LeaseState, let_go_of_rows
 from pgidem.errors import (
     MAX_ERROR_MESSAGE,
     MAX_TRACEBACK,
@@ -938,6 +938,7 @@ class Worker:
             error = exc
         duration = time.monotonic() - task.started_at
         self._handler_returned(task, duration)
+        let_go_of_rows(conn)
         self._durations[task.task_name] = 0.8 * self._durations.get(task.task_name, duration) + (
             0.2 * duration
         )

@@ -6,6 +6,9 @@ fails, a raw COMMIT is noticed) is tested with real workers in test_worker.py.""
 
 from __future__ import annotations
 
+import sys
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,7 +17,7 @@ import pytest
 from psycopg.rows import dict_row
 
 import pgidem
-from pgidem.context import Context, LeaseState, TaskConnection, TaskCursor
+from pgidem.context import Context, LeaseState, TaskConnection, TaskCursor, let_go_of_rows
 
 INTRANS = psycopg.pq.TransactionStatus.INTRANS
 IDLE = psycopg.pq.TransactionStatus.IDLE
@@ -133,3 +136,126 @@ def test_raw_connection_is_the_documented_way_around_the_guard(
     raw_cur.execute("COMMIT")
     assert task_conn.info.transaction_status == IDLE
     assert ctx.conn.misused == ""
+
+
+def _inner(cur: TaskCursor) -> weakref.ref[psycopg.Cursor[Any]]:
+    """The psycopg cursor under ``cur``, weakly: the test must not keep it alive itself."""
+    return weakref.ref(object.__getattribute__(cur, "_cur"))
+
+
+def test_execute_uses_one_cursor_again_only_while_nothing_else_holds_it(
+    task_conn: psycopg.Connection[Any],
+) -> None:
+    """ctx.conn.execute uses its last psycopg cursor again (it saves psycopg's per-cursor set-up)
+    only when the handler let go of it: a kept cursor, a kept bound method, an iterator or an
+    exception raised through it each keep their own results, and a later execute gets another
+    cursor."""
+    conn = TaskConnection(task_conn)
+    first = _inner(conn.execute("INSERT INTO written VALUES (1)"))
+    for n in range(2, 6):
+        assert _inner(conn.execute("INSERT INTO written VALUES (%s)", (n,)))() is first()
+    assert first() is not None
+
+    kept = conn.execute("SELECT 10")
+    assert _inner(conn.execute("SELECT 20"))() is not _inner(kept)()
+    assert kept.fetchall() == [(10,)]
+
+    fetch = conn.execute("SELECT 30").fetchone
+    conn.execute("SELECT 40")
+    assert fetch() == (30,)
+
+    rows = iter(conn.execute("SELECT generate_series(1, 3)"))
+    assert next(rows) == (1,)
+    conn.execute("SELECT 50")
+    assert list(rows) == [(2,), (3,)]
+
+    spare = _inner(conn.execute("SELECT 60"))
+    with pytest.raises(psycopg.errors.DivisionByZero) as raised, conn.transaction():
+        conn.execute("SELECT 1 / 0")  # on the spare cursor
+    assert spare() is not None  # the exception's traceback holds it
+    assert _inner(conn.execute("SELECT 70"))() is not spare()
+    assert conn.execute("SELECT 80").fetchone() == (80,)
+    del raised
+    assert conn.execute("SELECT count(*) FROM written").fetchone() == (5,)
+
+
+def test_execute_takes_a_new_cursor_after_the_handler_reaches_one_s_settings(
+    task_conn: psycopg.Connection[Any],
+) -> None:
+    """After the handler reaches what could change a cursor for later statements (the raw
+    cursor or connection, the adapters, any setting, a close), execute() starts from a new
+    cursor, and the connection's row and cursor factories apply as they do in psycopg."""
+    conn = TaskConnection(task_conn)
+
+    def next_inner() -> weakref.ref[psycopg.Cursor[Any]]:
+        return _inner(conn.execute("SELECT 1 AS one"))
+
+    spare = next_inner()
+    assert next_inner()() is spare()
+    assert conn.execute("SELECT 1").rowcount == 1  # reading a result's figures: still the same
+    assert next_inner()() is spare() is not None
+
+    reaches: list[Callable[[TaskCursor], Any]] = [
+        lambda cur: cur.raw,
+        lambda cur: cur.adapters,
+        lambda cur: cur.row_factory,
+        lambda cur: cur.close(),
+    ]
+    for reach in reaches:
+        reach(conn.execute("SELECT 1"))
+        fresh = next_inner()
+        assert fresh() is not spare() and fresh() is not None
+        spare = fresh
+    for reach_conn in (lambda: conn.raw, lambda: conn.adapters):
+        reach_conn()
+        fresh = next_inner()
+        assert fresh() is not spare() and fresh() is not None
+        spare = fresh
+
+    conn.row_factory = dict_row
+    assert conn.execute("SELECT 1 AS one").fetchone() == {"one": 1}
+    conn.cursor_factory = psycopg.ClientCursor
+    assert type(_inner(conn.execute("SELECT %s", (2,)))()) is psycopg.ClientCursor
+    assert conn.execute("SELECT %s AS two", (2,)).fetchone() == {"two": 2}
+
+
+def test_rows_a_handler_read_are_let_go_of_at_the_end_of_its_task(
+    task_conn: psycopg.Connection[Any],
+) -> None:
+    """The spare cursor is kept from task to task only if its last statement returned no rows:
+    a handler's result is not kept alive after its task by the cursor used again."""
+    conn = TaskConnection(task_conn)
+    written = _inner(conn.execute("INSERT INTO written VALUES (1)"))
+    let_go_of_rows(task_conn)
+    assert _inner(conn.execute("SELECT generate_series(1, 1000)"))() is written()
+    let_go_of_rows(task_conn)
+    assert written() is None  # nothing else held it: gone with its rows
+    assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_threads_of_one_handler_never_share_a_cursor(
+    task_conn: psycopg.Connection[Any],
+) -> None:
+    """Threads of one handler running ctx.conn.execute at once (psycopg's connection takes them
+    in turn) each read their own statement's rows: the spare cursor goes to one of them at a
+    time."""
+    conn = TaskConnection(task_conn)
+    wrong: list[tuple[int, Any]] = []
+
+    def run(base: int) -> None:
+        for i in range(base, base + 300):
+            row = conn.execute("SELECT %s::int", (i,)).fetchone()
+            if row != (i,):
+                wrong.append((i, row))
+
+    threads = [threading.Thread(target=run, args=(n * 1000,)) for n in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between almost any two bytecodes
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert wrong == []
