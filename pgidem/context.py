@@ -82,12 +82,19 @@ def _references(spare: list[Any]) -> int:
     return sys.getrefcount(spare[0])
 
 
+#: The reference count of an object named only by a list, as _references reads it.
+_FREE_REFERENCES = _references([object()])
+
+
 def _keep_spare(conn: psycopg.Connection[Any], spare: list[Any]) -> None:
     """Make ``spare`` (``[cursor, ...]``, a cursor that has just run a statement, which the
     caller names only through this list) the connection's spare, with its reference count now,
-    when nothing but the connection holds it."""
+    when nothing but the connection holds it. Only if that count is the least possible: were
+    something else holding the cursor for a while (as a pipeline does), the count could later
+    come back to it with the handler holding the cursor instead."""
     spare[1] = _references(spare)
-    conn.__dict__[_SPARE] = spare
+    if spare[1] == _FREE_REFERENCES:
+        conn.__dict__[_SPARE] = spare
 
 
 def let_go_of_rows(conn: psycopg.Connection[Any]) -> None:
@@ -184,7 +191,9 @@ class TaskConnection:
         if _ends_transaction(query):
             raise self._refuse_end()
         conn = self._use()
-        if kwargs:  # prepare=, binary=: psycopg's own way, on a new cursor
+        if kwargs or conn.pgconn.pipeline_status != psycopg.pq.PipelineStatus.OFF:
+            # prepare=, binary=, or in a pipeline (which holds the cursor until its results
+            # come, so its reference count says nothing): psycopg's own way, a new cursor.
             return TaskCursor(conn.execute(query, params, **kwargs), self)
         spare = _take_spare(conn)
         if spare is None:

@@ -259,3 +259,20 @@ def test_threads_of_one_handler_never_share_a_cursor(
     finally:
         sys.setswitchinterval(interval)
     assert wrong == []
+
+
+def test_statements_in_a_pipeline_each_keep_their_own_cursor(
+    task_conn: psycopg.Connection[Any],
+) -> None:
+    """In pipeline mode psycopg holds each cursor until its results arrive, so a reference count
+    taken there says nothing: ctx.conn.execute makes a new cursor every time, and a cursor the
+    handler keeps from a pipeline is never used again after it."""
+    conn = TaskConnection(task_conn)
+    conn.execute("SELECT 0")  # a spare cursor exists
+    with conn.pipeline():
+        cursors = [conn.execute("SELECT %s::int", (i,)) for i in range(5)]
+        last = conn.execute("SELECT 5")
+    assert [c.fetchone() for c in cursors] == [(i,) for i in range(5)]
+    after = conn.execute("SELECT 6")
+    assert last.fetchone() == (5,)
+    assert after.fetchone() == (6,)
