@@ -37,7 +37,7 @@ def _ends_transaction(query: Any) -> bool:
 
 
 # The cursor ``TaskConnection.execute`` may use again, kept on the psycopg connection (a slot's
-# connection outlives its tasks), with its reference count when nothing but pgidem held it.
+# connection outlives its tasks).
 _SPARE = "_pgidem_spare_cursor"
 
 #: Attributes of a cursor that only read its current result: a handler reading them through a
@@ -48,53 +48,42 @@ _READ_ONLY = frozenset(
 )
 
 
-def _take_spare(conn: psycopg.Connection[Any]) -> list[Any] | None:
-    """Take the connection's spare cursor (``[cursor, references]``) if nothing outside pgidem
-    can reach it; the caller gives it back with _keep_spare after using it. None: make a new one.
+def _take_spare(conn: psycopg.Connection[Any]) -> psycopg.Cursor[Any] | None:
+    """Take the connection's spare cursor if nothing outside pgidem can reach it (the caller
+    keeps it again after using it); None: make a new one.
 
     ``Connection.execute`` makes a new cursor each time, and psycopg's first statement on a new
     cursor costs about 15 us of CPU more than on a used one (its dumpers and loaders are looked
     up afresh). A one-row handler's INSERT through ``ctx.conn.execute`` cost a worker 0.086 ms
     of CPU per task, 0.077 with its cursor used again, and a drain of such tasks went 7 %
     faster (bench, eight alternating drains each). The cursor is used again only when nothing
-    else refers to it: its reference count is the one recorded when only the connection held
-    it (a handler keeping the cursor, one of its bound methods, an iterator over it or an
-    exception raised through it all hold a reference), it is open, it has the connection's row
-    and cursor factories, and no handler reached anything of it that could change it
-    (``_drop_spare``). Taking it off the connection first (one atomic ``dict.pop``) keeps two
-    threads of one handler from both taking it."""
-    spare: list[Any] | None = conn.__dict__.pop(_SPARE, None)
-    if spare is None or _references(spare) != spare[1]:
-        return None
-    cursor: psycopg.Cursor[Any] = spare[0]
+    else refers to it: its reference count is the least possible (a handler keeping the cursor,
+    one of its bound methods, an iterator over it or an exception raised through it all hold a
+    reference), it is open, it has the connection's row and cursor factories, and no handler
+    reached anything of it that could change it (``_drop_spare``). Taking it off the connection
+    first (one atomic ``dict.pop``) keeps two threads of one handler from both taking it. A
+    pipeline holds each cursor until its results come: while it does, the count is not the
+    least either."""
+    cursor: psycopg.Cursor[Any] | None = conn.__dict__.pop(_SPARE, None)
     if (
-        cursor.closed
+        cursor is None
+        or sys.getrefcount(cursor) != _FREE_REFERENCES
+        or cursor.closed
         or cursor.row_factory is not conn.row_factory
         or type(cursor) is not conn.cursor_factory
     ):
         return None
-    return spare
+    return cursor
 
 
-def _references(spare: list[Any]) -> int:
-    """The spare cursor's reference count, read the same way when it is recorded and when it
-    is checked (from a frame that names it only through ``spare``)."""
-    return sys.getrefcount(spare[0])
+def _local_references() -> int:
+    probe = object()
+    return sys.getrefcount(probe)
 
 
-#: The reference count of an object named only by a list, as _references reads it.
-_FREE_REFERENCES = _references([object()])
-
-
-def _keep_spare(conn: psycopg.Connection[Any], spare: list[Any]) -> None:
-    """Make ``spare`` (``[cursor, ...]``, a cursor that has just run a statement, which the
-    caller names only through this list) the connection's spare, with its reference count now,
-    when nothing but the connection holds it. Only if that count is the least possible: were
-    something else holding the cursor for a while (as a pipeline does), the count could later
-    come back to it with the handler holding the cursor instead."""
-    spare[1] = _references(spare)
-    if spare[1] == _FREE_REFERENCES:
-        conn.__dict__[_SPARE] = spare
+#: The reference count of an object named only by one local variable (the variable and
+#: getrefcount's argument), as _take_spare reads the spare's.
+_FREE_REFERENCES = _local_references()
 
 
 def let_go_of_rows(conn: psycopg.Connection[Any]) -> None:
@@ -104,7 +93,7 @@ def let_go_of_rows(conn: psycopg.Connection[Any]) -> None:
     statement returned no rows (an INSERT) stays the spare."""
     spare = conn.__dict__.get(_SPARE)
     if spare is not None:
-        result = spare[0].pgresult
+        result = spare.pgresult
         if result is not None and result.ntuples:
             conn.__dict__.pop(_SPARE, None)
 
@@ -113,7 +102,7 @@ def _drop_spare(conn: psycopg.Connection[Any], cursor: psycopg.Cursor[Any] | Non
     """Never use the spare again (only if it is ``cursor``, when given): a handler reached
     something of it, or of the connection's adapters, that could change it."""
     spare = conn.__dict__.get(_SPARE)
-    if spare is not None and (cursor is None or spare[0] is cursor):
+    if spare is not None and (cursor is None or spare is cursor):
         conn.__dict__.pop(_SPARE, None)
 
 
@@ -191,17 +180,16 @@ class TaskConnection:
         if _ends_transaction(query):
             raise self._refuse_end()
         conn = self._use()
-        if kwargs or conn.pgconn.pipeline_status != psycopg.pq.PipelineStatus.OFF:
-            # prepare=, binary=, or in a pipeline (which holds the cursor until its results
-            # come, so its reference count says nothing): psycopg's own way, a new cursor.
+        if kwargs:  # prepare=, binary=: psycopg's own way, on a new cursor
             return TaskCursor(conn.execute(query, params, **kwargs), self)
-        spare = _take_spare(conn)
-        if spare is None:
-            spare = [conn.cursor(), None]
-        spare[0].execute(query, params)
-        # (Given back after the statement only: a cursor that failed is held by the exception.)
-        _keep_spare(conn, spare)
-        return TaskCursor(spare[0], self)
+        cursor = _take_spare(conn)
+        if cursor is None:
+            cursor = conn.cursor()
+        cursor.execute(query, params)
+        # The spare from now on (not one that failed: the exception may be kept), taken again
+        # only when nothing else holds it.
+        conn.__dict__[_SPARE] = cursor
+        return TaskCursor(cursor, self)
 
     def cursor(self, *args: Any, **kwargs: Any) -> TaskCursor:
         """A cursor in the task's transaction (``Connection.cursor``'s arguments), guarded like

@@ -264,9 +264,9 @@ def test_threads_of_one_handler_never_share_a_cursor(
 def test_statements_in_a_pipeline_each_keep_their_own_cursor(
     task_conn: psycopg.Connection[Any],
 ) -> None:
-    """In pipeline mode psycopg holds each cursor until its results arrive, so a reference count
-    taken there says nothing: ctx.conn.execute makes a new cursor every time, and a cursor the
-    handler keeps from a pipeline is never used again after it."""
+    """In pipeline mode psycopg holds each cursor until its results arrive: ctx.conn.execute
+    takes no cursor the pipeline still holds, and a cursor the handler keeps from a pipeline is
+    never used again after it."""
     conn = TaskConnection(task_conn)
     conn.execute("SELECT 0")  # a spare cursor exists
     with conn.pipeline():
